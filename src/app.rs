@@ -1,0 +1,184 @@
+//! Wiring for the binary: config to a running server, and the `token` command.
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+
+use crate::auth::{self, Authenticator};
+use crate::config::{LogFormat, SecretArgs, ServeArgs, TokenArgs, TokenRole};
+use crate::convert::JsonLimits;
+use crate::embedded_pg::{EmbeddedPg, PgOptions};
+use crate::service::AppState;
+use crate::{db, server};
+
+pub type AppError = Box<dyn std::error::Error + Send + Sync>;
+
+const SECRET_FILE: &str = "jwt_secret";
+const EMBEDDED_DB: &str = "jobsvc";
+
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// The secret from config, else the one kept in the data directory (made on first use).
+fn secret(args: &SecretArgs, create: bool) -> Result<Vec<u8>, AppError> {
+    if let Some(s) = &args.jwt_secret {
+        if s.len() < 32 {
+            return Err("JWT_SECRET must be at least 32 characters".into());
+        }
+        return Ok(s.as_bytes().to_vec());
+    }
+    let path = args.data_dir.join(SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => Ok(s.trim().as_bytes().to_vec()),
+        Err(_) if create => {
+            std::fs::create_dir_all(&args.data_dir)?;
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a secret: {e}"))?;
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            write_private(&path, &hex)?;
+            Ok(hex.into_bytes())
+        }
+        Err(_) => Err(format!(
+            "no JWT_SECRET set and no {} yet (start `jobsvc serve` once, or set JWT_SECRET)",
+            path.display()
+        )
+        .into()),
+    }
+}
+
+fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(content.as_bytes())
+}
+
+/// `jobsvc token`: prints a signed token.
+pub fn print_token(args: TokenArgs) -> Result<(), AppError> {
+    let secret = secret(&args.secret, false)?;
+    let token = match args.role {
+        TokenRole::ServiceRole => auth::issue(&secret, "service_role", args.sub, args.ttl),
+        TokenRole::Authenticated => {
+            let sub = args.sub.ok_or("--role authenticated needs --sub UUID")?;
+            auth::issue(&secret, "authenticated", Some(sub), args.ttl)
+        }
+    };
+    println!("{token}");
+    Ok(())
+}
+
+/// `jobsvc serve`: database, migrations, server, until SIGINT or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
+    init_tracing(args.log_format);
+    let mut embedded = None;
+    let (database_url, secret) = match &args.database_url {
+        Some(url) => {
+            if args.secret.jwt_secret.is_none() {
+                return Err(
+                    "JWT_SECRET is required with DATABASE_URL (replicas must share it)".into(),
+                );
+            }
+            (url.clone(), secret(&args.secret, false)?)
+        }
+        None => {
+            let pg = EmbeddedPg::init(&args.secret.data_dir, PgOptions::default())?;
+            pg.start().await?;
+            pg.ensure_database(EMBEDDED_DB).await?;
+            tracing::info!(socket_dir = %pg.socket_dir().display(), "private PostgreSQL running");
+            let url = pg.url(EMBEDDED_DB);
+            embedded = Some(pg);
+            (url, secret(&args.secret, true)?)
+        }
+    };
+
+    let result = async {
+        db::migrate(&database_url).await?;
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        if embedded.is_some() {
+            print_banner(listener.local_addr()?, &secret);
+        }
+        run_server(&args, &database_url, &secret, listener, shutdown_signal()).await
+    }
+    .await;
+    if let Some(pg) = embedded {
+        pg.stop().await;
+        tracing::info!("private PostgreSQL stopped");
+    }
+    result
+}
+
+/// Serves an already-migrated database on `listener` until `shutdown` resolves.
+pub async fn run_server(
+    args: &ServeArgs,
+    database_url: &str,
+    secret: &[u8],
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    let pool = db::pool(database_url, args.pool_size)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(AppState {
+        pool,
+        auth: Authenticator::new(secret, args.jwt_leeway),
+        limits: JsonLimits {
+            max_bytes: args.max_job_data_bytes,
+            max_depth: args.max_job_data_depth,
+        },
+        changes: broadcast::channel(4096).0,
+        shutdown: shutdown_rx,
+    });
+    tracing::info!(addr = %listener.local_addr()?, "jobsvc listening");
+    let limits = server::Limits {
+        max_message_bytes: args.max_message_bytes,
+        max_concurrent_streams: args.max_concurrent_streams,
+        keepalive_interval: args.keepalive_interval,
+        keepalive_timeout: args.keepalive_timeout,
+    };
+    server::run(listener, state, shutdown_tx, limits, shutdown).await?;
+    tracing::info!("jobsvc stopped");
+    Ok(())
+}
+
+/// A ready token and grpcurl line on stdout (never in the log) for the embedded quick start.
+fn print_banner(addr: std::net::SocketAddr, secret: &[u8]) {
+    let token = auth::issue(
+        secret,
+        "service_role",
+        None,
+        std::time::Duration::from_secs(24 * 3600),
+    );
+    let banner = format!(
+        "\njobsvc is serving on {addr} with a private PostgreSQL.\n\
+         A service_role token valid for 24h (make more with `jobsvc token --role service_role`):\n\n\
+         export TOKEN={token}\n\n\
+         Try:\n  grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"agent_identifier\":\"demo\"}}' {addr} jobs.v1.JobService/CreateJob\n\n"
+    );
+    // Best effort: a closed stdout (a pipe whose reader left) must not stop the server.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,207 @@
+//! Who is calling: a bearer JWT becomes a [`Caller`], and nothing else decides who may see what.
+//!
+//! Tokens have the shape Supabase issues: HS256 with the configured secret (the algorithm is
+//! pinned: a token naming any other, `none` included, is refused), `exp` required, `nbf`
+//! checked, both with a small explicit leeway; `role` is `authenticated` (with the user's UUID
+//! in `sub`) or `service_role`.
+use std::collections::HashMap;
+use std::time::Duration;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::Value;
+use tonic::metadata::MetadataMap;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// What a caller may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `service_role`: every job.
+    Service,
+    /// `authenticated`: only the jobs this user owns.
+    User(Uuid),
+}
+
+/// An authenticated caller. Every job query takes one; only [`Authenticator`] (or a server-side
+/// task acting as the service) makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    role: Role,
+    /// Unix seconds after which the token (plus leeway) is no longer valid.
+    expires_at: i64,
+}
+
+impl Caller {
+    /// The service itself, for background work such as sweeping (never from a request).
+    pub fn internal_service() -> Self {
+        Caller {
+            role: Role::Service,
+            expires_at: i64::MAX,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The user this caller is scoped to, or `None` for the service role.
+    pub fn user(&self) -> Option<Uuid> {
+        match self.role {
+            Role::Service => None,
+            Role::User(u) => Some(u),
+        }
+    }
+
+    pub fn expires_at(&self) -> i64 {
+        self.expires_at
+    }
+
+    pub fn role_name(&self) -> &'static str {
+        match self.role {
+            Role::Service => "service_role",
+            Role::User(_) => "authenticated",
+        }
+    }
+
+    /// Resolves a request's `user_id` field against this caller: a user may only name itself
+    /// (empty means itself); the service role may name anyone, or nobody (`None`).
+    pub fn resolve_user(&self, requested: Option<Uuid>) -> Result<Option<Uuid>> {
+        match (self.role, requested) {
+            (Role::Service, r) => Ok(r),
+            (Role::User(me), None) => Ok(Some(me)),
+            (Role::User(me), Some(r)) if r == me => Ok(Some(me)),
+            (Role::User(_), Some(_)) => Err(Error::denied(
+                "USER_MISMATCH",
+                "user_id names another user; an authenticated caller may only act for itself",
+            )),
+        }
+    }
+}
+
+/// Verifies bearer tokens.
+#[derive(Clone)]
+pub struct Authenticator {
+    key: DecodingKey,
+    validation: Validation,
+    leeway: Duration,
+}
+
+impl Authenticator {
+    pub fn new(secret: &[u8], leeway: Duration) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.leeway = leeway.as_secs();
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        // Supabase tokens carry `aud: authenticated`; jobsvc does not use audiences.
+        validation.validate_aud = false;
+        validation.required_spec_claims = ["exp".to_string()].into_iter().collect();
+        Authenticator {
+            key: DecodingKey::from_secret(secret),
+            validation,
+            leeway,
+        }
+    }
+
+    pub fn leeway(&self) -> Duration {
+        self.leeway
+    }
+
+    /// Reads `authorization: Bearer <JWT>` from call metadata.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller> {
+        let header = metadata.get("authorization").ok_or_else(|| {
+            Error::unauthenticated(
+                "TOKEN_MISSING",
+                "missing metadata `authorization: Bearer <JWT>`",
+            )
+        })?;
+        let header = header.to_str().map_err(|_| bad_token("not ASCII"))?;
+        let token = header
+            .split_once(' ')
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim())
+            .ok_or_else(|| {
+                Error::unauthenticated(
+                    "TOKEN_MISSING",
+                    "authorization metadata must be `Bearer <JWT>`",
+                )
+            })?;
+        self.verify(token)
+    }
+
+    /// Verifies one token string.
+    pub fn verify(&self, token: &str) -> Result<Caller> {
+        let data =
+            jsonwebtoken::decode::<HashMap<String, Value>>(token, &self.key, &self.validation)
+                .map_err(|e| match e.kind() {
+                    ErrorKind::ExpiredSignature => Error::unauthenticated(
+                        "TOKEN_EXPIRED",
+                        "the token has expired; get a new one",
+                    ),
+                    ErrorKind::ImmatureSignature => Error::unauthenticated(
+                        "TOKEN_NOT_YET_VALID",
+                        "the token is not valid yet (nbf is in the future)",
+                    ),
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                        bad_token("only HS256 tokens are accepted")
+                    }
+                    ErrorKind::InvalidSignature => bad_token("bad signature"),
+                    ErrorKind::MissingRequiredClaim(c) => bad_token(&format!("missing claim {c}")),
+                    _ => bad_token("malformed"),
+                })?;
+        let claims = data.claims;
+        let expires_at = claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| bad_token("exp must be a number"))?;
+        let role = claims.get("role").and_then(Value::as_str).unwrap_or("");
+        let role = match role {
+            "service_role" => Role::Service,
+            "authenticated" => {
+                let sub = claims
+                    .get("sub")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| bad_token("an authenticated token needs `sub`"))?;
+                let user = Uuid::parse_str(sub).map_err(|_| bad_token("`sub` is not a UUID"))?;
+                Role::User(user)
+            }
+            other => {
+                return Err(Error::denied(
+                    "ROLE_NOT_ALLOWED",
+                    format!(
+                        "role {other:?} may not use jobsvc; use an authenticated or service_role token"
+                    ),
+                ));
+            }
+        };
+        Ok(Caller {
+            role,
+            expires_at: expires_at.saturating_add(self.leeway.as_secs() as i64),
+        })
+    }
+}
+
+fn bad_token(why: &str) -> Error {
+    Error::unauthenticated("TOKEN_INVALID", format!("invalid token: {why}"))
+}
+
+/// Signs a token in the shape Supabase issues (for `jobsvc token`, tests and the walk-through).
+pub fn issue(secret: &[u8], role: &str, sub: Option<Uuid>, ttl: Duration) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let mut claims = serde_json::json!({
+        "role": role,
+        "iat": now,
+        "exp": now + ttl.as_secs() as i64,
+    });
+    if let Some(sub) = sub {
+        claims["sub"] = Value::String(sub.to_string());
+    }
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("HS256 signing with an in-memory key cannot fail")
+}

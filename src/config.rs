@@ -1,0 +1,147 @@
+//! Command line and environment: one clap definition, every serve setting also settable by env.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// jobsvc: a gRPC job service with tenant isolation and a resumable change stream.
+#[derive(Debug, Parser)]
+#[command(name = "jobsvc", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server (the default when no command is given).
+    Serve(Box<ServeArgs>),
+    /// Print a JWT signed with the configured secret.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where the JWT secret and the embedded database live; shared by `serve` and `token`.
+#[derive(Debug, Clone, Args)]
+pub struct SecretArgs {
+    /// HS256 secret that signs caller tokens. Without it (and without DATABASE_URL) a secret is
+    /// generated once and kept in the data directory.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Directory for the embedded PostgreSQL and the generated secret.
+    #[arg(long, env = "JOBSVC_DATA_DIR", default_value = ".jobsvc")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address of the gRPC listener.
+    #[arg(long, env = "JOBSVC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// PostgreSQL URL. Without it jobsvc starts a private PostgreSQL under the data directory.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    #[command(flatten)]
+    pub secret: SecretArgs,
+
+    /// Most database connections the server holds.
+    #[arg(long, env = "JOBSVC_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+
+    /// Log line format; verbosity comes from RUST_LOG (default "info").
+    #[arg(long, env = "JOBSVC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Clock leeway for token `exp` and `nbf`, at most 60 s.
+    #[arg(long, env = "JOBSVC_JWT_LEEWAY", default_value = "30s", value_parser = parse_leeway)]
+    pub jwt_leeway: Duration,
+
+    /// Largest `job_data` or `result` accepted, in bytes of JSON.
+    #[arg(long, env = "JOBSVC_MAX_JOB_DATA_BYTES", default_value_t = 1 << 20)]
+    pub max_job_data_bytes: usize,
+
+    /// Deepest nesting of objects and lists accepted in `job_data` or `result`.
+    #[arg(long, env = "JOBSVC_MAX_JOB_DATA_DEPTH", default_value_t = 32)]
+    pub max_job_data_depth: usize,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "JOBSVC_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    pub max_message_bytes: usize,
+
+    /// Most concurrent HTTP/2 streams (calls) on one connection.
+    #[arg(long, env = "JOBSVC_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+
+    /// Interval of HTTP/2 keepalive pings to clients.
+    #[arg(long, env = "JOBSVC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "JOBSVC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// The serve settings from the environment and defaults alone (for `jobsvc` with no command).
+    pub fn from_env() -> Result<Self, clap::Error> {
+        Self::parse_args(["jobsvc"])
+    }
+
+    /// The serve settings from these arguments (the first is the program name), the
+    /// environment and defaults.
+    pub fn parse_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        Only::try_parse_from(args).map(|o| o.args)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TokenRole {
+    #[value(name = "service_role")]
+    ServiceRole,
+    #[value(name = "authenticated")]
+    Authenticated,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The role the token grants.
+    #[arg(long, value_enum)]
+    pub role: TokenRole,
+
+    /// The user the token speaks for (required for `authenticated`).
+    #[arg(long)]
+    pub sub: Option<uuid::Uuid>,
+
+    /// How long the token is valid, e.g. 1h, 30m, 7d.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+fn parse_leeway(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > Duration::from_secs(60) {
+        return Err("the leeway is at most 60s".into());
+    }
+    Ok(d)
+}

@@ -1,0 +1,382 @@
+//! The only file that names both proto and domain types: request validation on the way in,
+//! rows to messages on the way out.
+use prost_types::value::Kind;
+use prost_types::{ListValue, Struct, Timestamp, Value};
+use serde_json::{Map, Number, Value as Json};
+use uuid::Uuid;
+
+use crate::db::models::JobRow;
+use crate::domain::JobStatus;
+use crate::error::{Error, Result};
+use crate::pb;
+
+/// Size and depth limits for client-supplied JSON (`job_data`, `result`).
+#[derive(Debug, Clone, Copy)]
+pub struct JsonLimits {
+    pub max_bytes: usize,
+    pub max_depth: usize,
+}
+
+pub const MAX_AGENT_IDENTIFIER_CHARS: usize = 255;
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// A required UUID field.
+pub fn parse_uuid(field: &'static str, s: &str) -> Result<Uuid> {
+    if s.is_empty() {
+        return Err(Error::invalid(
+            field,
+            "MISSING_FIELD",
+            format!("{field} is required"),
+        ));
+    }
+    Uuid::try_parse(s).map_err(|_| {
+        Error::invalid(
+            field,
+            "INVALID_UUID",
+            format!("{field} must be a UUID such as 123e4567-e89b-12d3-a456-426614174000"),
+        )
+    })
+}
+
+/// An optional UUID field: empty means unset.
+pub fn parse_optional_uuid(field: &'static str, s: &str) -> Result<Option<Uuid>> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse_uuid(field, s).map(Some)
+    }
+}
+
+pub fn validate_agent_identifier(field: &'static str, s: &str) -> Result<String> {
+    let chars = s.chars().count();
+    if chars == 0 || chars > MAX_AGENT_IDENTIFIER_CHARS {
+        return Err(Error::invalid(
+            field,
+            "INVALID_AGENT_IDENTIFIER",
+            format!("{field} must be 1 to {MAX_AGENT_IDENTIFIER_CHARS} characters, got {chars}"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            field,
+            "INVALID_AGENT_IDENTIFIER",
+            format!("{field} must not contain control characters"),
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// An optional idempotency key: empty means none.
+pub fn validate_request_id(s: &str) -> Result<Option<String>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.chars().count() > MAX_REQUEST_ID_CHARS {
+        return Err(Error::invalid(
+            "request_id",
+            "INVALID_REQUEST_ID",
+            format!("request_id must be at most {MAX_REQUEST_ID_CHARS} characters"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "request_id",
+            "INVALID_REQUEST_ID",
+            "request_id must not contain control characters",
+        ));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+pub fn validate_error_message(s: &str) -> Result<Option<String>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > MAX_ERROR_MESSAGE_BYTES {
+        return Err(Error::invalid(
+            "error_message",
+            "PAYLOAD_TOO_LARGE",
+            format!("error_message must be at most {MAX_ERROR_MESSAGE_BYTES} bytes"),
+        ));
+    }
+    if s.contains('\0') {
+        return Err(nul_error("error_message"));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+/// A target status: JOB_STATUS_UNSPECIFIED and unknown numbers are refused.
+pub fn parse_status(field: &'static str, raw: i32) -> Result<JobStatus> {
+    match pb::JobStatus::try_from(raw) {
+        Ok(pb::JobStatus::Pending) => Ok(JobStatus::Pending),
+        Ok(pb::JobStatus::Running) => Ok(JobStatus::Running),
+        Ok(pb::JobStatus::Completed) => Ok(JobStatus::Completed),
+        Ok(pb::JobStatus::Failed) => Ok(JobStatus::Failed),
+        Ok(pb::JobStatus::Cancelled) => Ok(JobStatus::Cancelled),
+        Ok(pb::JobStatus::Unspecified) | Err(_) => Err(Error::invalid(
+            field,
+            "INVALID_STATUS",
+            format!(
+                "{field} must be one of JOB_STATUS_PENDING, _RUNNING, _COMPLETED, _FAILED, _CANCELLED (got {raw})"
+            ),
+        )),
+    }
+}
+
+pub fn status_to_pb(s: JobStatus) -> pb::JobStatus {
+    match s {
+        JobStatus::Pending => pb::JobStatus::Pending,
+        JobStatus::Running => pb::JobStatus::Running,
+        JobStatus::Completed => pb::JobStatus::Completed,
+        JobStatus::Failed => pb::JobStatus::Failed,
+        JobStatus::Cancelled => pb::JobStatus::Cancelled,
+    }
+}
+
+fn nul_error(field: &'static str) -> Error {
+    Error::invalid(
+        field,
+        "NUL_CHARACTER",
+        format!("{field} must not contain U+0000 (PostgreSQL cannot store it)"),
+    )
+}
+
+/// `google.protobuf.Struct` to a JSON object, enforcing depth, U+0000, finite numbers and size.
+pub fn struct_to_json(field: &'static str, s: Struct, limits: JsonLimits) -> Result<Json> {
+    let json = struct_inner(field, s, 1, limits)?;
+    check_size(field, &json, limits)?;
+    Ok(json)
+}
+
+/// `google.protobuf.Value` to JSON, with the same checks as [`struct_to_json`].
+pub fn value_to_json(field: &'static str, v: Value, limits: JsonLimits) -> Result<Json> {
+    let json = value_inner(field, v, 0, limits)?;
+    check_size(field, &json, limits)?;
+    Ok(json)
+}
+
+fn check_size(field: &'static str, json: &Json, limits: JsonLimits) -> Result<()> {
+    let size = serde_json::to_vec(json)
+        .map_err(|e| Error::Internal(Box::new(e)))?
+        .len();
+    if size > limits.max_bytes {
+        return Err(Error::invalid(
+            field,
+            "PAYLOAD_TOO_LARGE",
+            format!(
+                "{field} is {size} bytes of JSON; the limit is {}",
+                limits.max_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn struct_inner(field: &'static str, s: Struct, depth: usize, limits: JsonLimits) -> Result<Json> {
+    if depth > limits.max_depth {
+        return Err(Error::invalid(
+            field,
+            "PAYLOAD_TOO_DEEP",
+            format!("{field} nests deeper than {} levels", limits.max_depth),
+        ));
+    }
+    let mut map = Map::with_capacity(s.fields.len());
+    for (k, v) in s.fields {
+        if k.contains('\0') {
+            return Err(nul_error(field));
+        }
+        let v = value_inner(field, v, depth, limits)?;
+        map.insert(k, v);
+    }
+    Ok(Json::Object(map))
+}
+
+/// `depth` is the nesting of the container holding this value.
+fn value_inner(field: &'static str, v: Value, depth: usize, limits: JsonLimits) -> Result<Json> {
+    Ok(match v.kind {
+        None | Some(Kind::NullValue(_)) => Json::Null,
+        Some(Kind::BoolValue(b)) => Json::Bool(b),
+        Some(Kind::NumberValue(n)) => number_to_json(field, n)?,
+        Some(Kind::StringValue(s)) => {
+            if s.contains('\0') {
+                return Err(nul_error(field));
+            }
+            Json::String(s)
+        }
+        Some(Kind::StructValue(s)) => struct_inner(field, s, depth + 1, limits)?,
+        Some(Kind::ListValue(l)) => {
+            if depth + 1 > limits.max_depth {
+                return Err(Error::invalid(
+                    field,
+                    "PAYLOAD_TOO_DEEP",
+                    format!("{field} nests deeper than {} levels", limits.max_depth),
+                ));
+            }
+            let items = l
+                .values
+                .into_iter()
+                .map(|v| value_inner(field, v, depth + 1, limits))
+                .collect::<Result<Vec<_>>>()?;
+            Json::Array(items)
+        }
+    })
+}
+
+/// Integral doubles that a double represents exactly become JSON integers (so `3` stays `3`,
+/// not `3.0`); other finite doubles stay doubles. NaN and infinities have no JSON form.
+fn number_to_json(field: &'static str, n: f64) -> Result<Json> {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    if !n.is_finite() {
+        return Err(Error::invalid(
+            field,
+            "INVALID_NUMBER",
+            format!("{field} holds NaN or an infinity, which JSON cannot represent"),
+        ));
+    }
+    if n.fract() == 0.0 && n.abs() <= EXACT {
+        return Ok(Json::Number(Number::from(n as i64)));
+    }
+    Number::from_f64(n).map(Json::Number).ok_or_else(|| {
+        Error::invalid(
+            field,
+            "INVALID_NUMBER",
+            format!("{field} holds an invalid number"),
+        )
+    })
+}
+
+/// A JSON object to `google.protobuf.Struct` (anything else becomes an empty Struct).
+pub fn json_to_struct(json: Json) -> Struct {
+    match json {
+        Json::Object(map) => Struct {
+            fields: map
+                .into_iter()
+                .map(|(k, v)| (k, json_to_value(v)))
+                .collect(),
+        },
+        _ => Struct::default(),
+    }
+}
+
+pub fn json_to_value(json: Json) -> Value {
+    let kind = match json {
+        Json::Null => Kind::NullValue(0),
+        Json::Bool(b) => Kind::BoolValue(b),
+        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Json::String(s) => Kind::StringValue(s),
+        Json::Array(a) => Kind::ListValue(ListValue {
+            values: a.into_iter().map(json_to_value).collect(),
+        }),
+        Json::Object(_) => Kind::StructValue(json_to_struct(json)),
+    };
+    Value { kind: Some(kind) }
+}
+
+pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+pub fn job_to_pb(row: JobRow) -> pb::Job {
+    pb::Job {
+        id: row.id.to_string(),
+        user_id: row.user_id.map(|u| u.to_string()).unwrap_or_default(),
+        agent_identifier: row.agent_identifier,
+        status: status_to_pb(row.status) as i32,
+        job_data: Some(json_to_struct(
+            row.job_data.unwrap_or(Json::Object(Map::new())),
+        )),
+        result: row.result.map(json_to_value),
+        error_message: row.error_message.unwrap_or_default(),
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+        started_at: row.started_at.map(timestamp),
+        completed_at: row.completed_at.map(timestamp),
+        version: row.version,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const LIMITS: JsonLimits = JsonLimits {
+        max_bytes: 1 << 20,
+        max_depth: 32,
+    };
+
+    #[test]
+    fn json_round_trips_through_struct() {
+        let original = json!({
+            "int": 42, "neg": -7, "float": 1.5, "big": 9007199254740992i64,
+            "bool": true, "null": null, "str": "héllo ✓ 日本",
+            "ключ": {"nested": [1, "two", {"three": [false, null]}]},
+            "empty_obj": {}, "empty_list": []
+        });
+        let s = json_to_struct(original.clone());
+        let back = struct_to_json("job_data", s, LIMITS).unwrap();
+        assert_eq!(back, original);
+    }
+
+    #[test]
+    fn depth_limit_counts_objects_and_lists() {
+        let mut v = json!(1);
+        for _ in 0..32 {
+            v = json!({ "a": v });
+        }
+        // 32 nested objects: allowed.
+        assert!(struct_to_json("job_data", json_to_struct(v.clone()), LIMITS).is_ok());
+        let v = json!({ "a": v });
+        let err = struct_to_json("job_data", json_to_struct(v), LIMITS).unwrap_err();
+        assert_eq!(err.reason(), "PAYLOAD_TOO_DEEP");
+        let lists = json!({ "a": [[[[1]]]] });
+        let small = JsonLimits {
+            max_bytes: 1 << 20,
+            max_depth: 4,
+        };
+        assert_eq!(
+            struct_to_json("job_data", json_to_struct(lists), small)
+                .unwrap_err()
+                .reason(),
+            "PAYLOAD_TOO_DEEP"
+        );
+    }
+
+    #[test]
+    fn refuses_nul_nan_and_oversize() {
+        for bad in [json!({"k": "a\u{0}b"}), json!({"a\u{0}": 1})] {
+            let e = struct_to_json("job_data", json_to_struct(bad), LIMITS).unwrap_err();
+            assert_eq!(e.reason(), "NUL_CHARACTER");
+        }
+        let nan = Struct {
+            fields: [(
+                "n".to_string(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::NAN)),
+                },
+            )]
+            .into(),
+        };
+        assert_eq!(
+            struct_to_json("job_data", nan, LIMITS)
+                .unwrap_err()
+                .reason(),
+            "INVALID_NUMBER"
+        );
+        let big = json!({ "s": "x".repeat(100) });
+        let tiny = JsonLimits {
+            max_bytes: 50,
+            max_depth: 32,
+        };
+        assert_eq!(
+            struct_to_json("job_data", json_to_struct(big), tiny)
+                .unwrap_err()
+                .reason(),
+            "PAYLOAD_TOO_LARGE"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! Statements on `jobs`. Each takes a connection (the caller owns any transaction) and the
+//! caller's user scope: `Some(user)` adds `user_id = user` to every statement, so isolation
+//! holds in the application as well as in row-level security.
+use diesel::sql_types::{Array, BigInt, Jsonb, Nullable, Text};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::models::{JobRow, WrittenRow};
+use crate::domain::JobStatus;
+use crate::error::Result;
+
+/// A validated job to create.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// The owning user; `None` for a job owned by no user (service role only).
+    pub owner: Option<Uuid>,
+    pub agent_identifier: String,
+    pub job_data: serde_json::Value,
+    pub request_id: Option<String>,
+}
+
+/// A validated status change.
+#[derive(Debug, Clone)]
+pub struct StatusChange {
+    pub id: Uuid,
+    pub target: JobStatus,
+    pub result: Option<serde_json::Value>,
+    pub error_message: Option<String>,
+    pub expected_version: Option<i64>,
+}
+
+// One statement: insert unless the owner already used this request_id; then return either the
+// new row (written) or the existing one. The arbiter is the partial unique index
+// jobs_owner_request_id_key, which treats a NULL owner as one owner.
+const INSERT_SQL: &str = "
+WITH ins AS (
+    INSERT INTO jobs (user_id, agent_identifier, job_data, request_id)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
+    RETURNING *
+)
+SELECT ins.*, true AS written FROM ins
+UNION ALL
+SELECT j.*, false FROM jobs j
+WHERE $4 IS NOT NULL AND j.request_id = $4 AND j.user_id IS NOT DISTINCT FROM $1
+  AND NOT EXISTS (SELECT 1 FROM ins)";
+
+// The existing row for an owner's request_id, read with a fresh snapshot: used when the row
+// that won the conflict committed after the insert statement's snapshot was taken.
+const BY_REQUEST_ID_SQL: &str = "
+SELECT j.*, false AS written FROM jobs j
+WHERE j.request_id = $2 AND j.user_id IS NOT DISTINCT FROM $1";
+
+/// Inserts a job, or returns the job this owner's `request_id` already created.
+pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
+    let rows: Vec<WrittenRow> = diesel::sql_query(INSERT_SQL)
+        .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
+        .bind::<Text, _>(&job.agent_identifier)
+        .bind::<Jsonb, _>(&job.job_data)
+        .bind::<Nullable<Text>, _>(job.request_id.as_deref())
+        .load(conn)
+        .await?;
+    if let Some(row) = rows.into_iter().next() {
+        return Ok(row);
+    }
+    // Only reachable with a request_id whose first job committed during our statement.
+    let row: WrittenRow = diesel::sql_query(BY_REQUEST_ID_SQL)
+        .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
+        .bind::<Nullable<Text>, _>(job.request_id.as_deref())
+        .get_result(conn)
+        .await?;
+    Ok(row)
+}
+
+/// One job, if it exists and the scope may see it.
+pub async fn get(
+    conn: &mut AsyncPgConnection,
+    scope: Option<Uuid>,
+    id: Uuid,
+) -> Result<Option<JobRow>> {
+    let rows: Vec<JobRow> = diesel::sql_query(
+        "SELECT * FROM jobs WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(id)
+    .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
+    .load(conn)
+    .await?;
+    Ok(rows.into_iter().next())
+}
+
+// The compare-and-set: the move happens only from an allowed state (and at the expected
+// version), timestamps come from the database clock, and the jobs_touch trigger bumps
+// `version` and `updated_at`. When nothing was written the same statement returns the row as
+// its snapshot saw it, so the caller can tell "not found", "retry", "forbidden" and "version
+// mismatch" apart without a second round trip.
+const CAS_SQL: &str = "
+WITH upd AS (
+    UPDATE jobs SET
+        status = $2::job_status,
+        started_at = CASE WHEN $2 = 'running' THEN now() ELSE started_at END,
+        completed_at = CASE WHEN $2 IN ('completed', 'failed', 'cancelled') THEN now() ELSE completed_at END,
+        result = CASE WHEN $2 = 'completed' THEN $3 ELSE result END,
+        error_message = CASE WHEN $2 = 'failed' THEN $4 ELSE error_message END
+    WHERE id = $1
+      AND status = ANY($5::job_status[])
+      AND ($6::bigint IS NULL OR version = $6)
+      AND ($7::uuid IS NULL OR user_id = $7)
+    RETURNING *
+)
+SELECT upd.*, true AS written FROM upd
+UNION ALL
+SELECT j.*, false FROM jobs j
+WHERE j.id = $1 AND ($7::uuid IS NULL OR j.user_id = $7) AND NOT EXISTS (SELECT 1 FROM upd)";
+
+/// Attempts one compare-and-set move. `None`: no such job in scope. `Some(row)` with
+/// `written = false`: the move did not apply, and `row` is the job as the statement saw it.
+pub async fn compare_and_set_status(
+    conn: &mut AsyncPgConnection,
+    scope: Option<Uuid>,
+    change: &StatusChange,
+) -> Result<Option<WrittenRow>> {
+    let allowed: Vec<&str> = change
+        .target
+        .allowed_from()
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    let rows: Vec<WrittenRow> = diesel::sql_query(CAS_SQL)
+        .bind::<diesel::sql_types::Uuid, _>(change.id)
+        .bind::<Text, _>(change.target.as_str())
+        .bind::<Nullable<Jsonb>, _>(change.result.as_ref())
+        .bind::<Nullable<Text>, _>(change.error_message.as_deref())
+        .bind::<Array<Text>, _>(allowed)
+        .bind::<Nullable<BigInt>, _>(change.expected_version)
+        .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
+        .load(conn)
+        .await?;
+    Ok(rows.into_iter().next())
+}

@@ -1,0 +1,152 @@
+//! The database: pool, migrations, and the one way to run statements on behalf of a caller.
+//!
+//! All SQL lives below this module; every query function takes a connection so the caller of
+//! the function owns the transaction.
+pub mod jobs;
+pub mod models;
+pub mod schema;
+
+use std::time::Duration;
+
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
+use diesel_async::{
+    AnsiTransactionManager, AsyncConnection, AsyncPgConnection, TransactionManager,
+};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use crate::auth::{Caller, Role};
+use crate::error::{Error, Result};
+
+pub type PgPool = Pool<AsyncPgConnection>;
+pub type PgConn = Object<AsyncPgConnection>;
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// How long a call waits for a pooled connection (or a new one) before answering UNAVAILABLE.
+const POOL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pool whose waits, connects and health checks are all bounded, so an unreachable database
+/// turns into fast UNAVAILABLE answers rather than hanging calls.
+pub fn pool(database_url: &str, size: usize) -> Result<PgPool> {
+    let mut config = ManagerConfig::default();
+    config.recycling_method = RecyclingMethod::Verified;
+    let manager =
+        AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .wait_timeout(Some(POOL_TIMEOUT))
+        .create_timeout(Some(POOL_TIMEOUT))
+        .recycle_timeout(Some(POOL_TIMEOUT))
+        .runtime(deadpool::Runtime::Tokio1)
+        .build()
+        .map_err(|e| Error::Internal(Box::new(e)))
+}
+
+/// Applies pending migrations under an advisory lock, so replicas starting together take turns.
+pub async fn migrate(database_url: &str) -> Result<()> {
+    use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+    let url = database_url.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut conn: AsyncConnectionWrapper<AsyncPgConnection> =
+            <AsyncConnectionWrapper<AsyncPgConnection> as diesel::Connection>::establish(&url)
+                .map_err(|e| Error::Unavailable(Box::new(e)))?;
+        use diesel::RunQueryDsl;
+        diesel::sql_query("SELECT pg_advisory_lock(7316134021)").execute(&mut conn)?;
+        let result = conn
+            .run_pending_migrations(MIGRATIONS)
+            .map(|applied| {
+                for m in applied {
+                    tracing::info!(migration = %m, "applied migration");
+                }
+            })
+            .map_err(Error::Internal);
+        diesel::sql_query("SELECT pg_advisory_unlock(7316134021)").execute(&mut conn)?;
+        result
+    })
+    .await
+    .map_err(|e| Error::Internal(Box::new(e)))?
+}
+
+/// A connection checked out on behalf of one caller; see [`scoped`].
+pub struct Scoped {
+    conn: PgConn,
+    in_transaction: bool,
+}
+
+/// Checks out a connection on behalf of `caller`.
+///
+/// A user's statements run inside one transaction as role `authenticated` with
+/// `request.jwt.claims` set (exactly what PostgREST does), so row-level security filters them
+/// even if a query forgot its own `user_id` filter. The role and claims are set with
+/// `set_config(.., true)`: they end with the transaction and never leak to the next user of a
+/// pooled connection. `BEGIN` and the settings travel in one round trip. If the call is
+/// dropped before [`Scoped::finish`], the transaction is still open, diesel reports the
+/// connection as broken and the pool discards it rather than reuse it.
+/// The service role gets the connection as is: it sees every row, and a single statement
+/// needs no transaction.
+pub async fn scoped(pool: &PgPool, caller: &Caller) -> Result<Scoped> {
+    let mut conn = pool.get().await?;
+    let in_transaction = match caller.role() {
+        Role::Service => false,
+        Role::User(user) => {
+            AnsiTransactionManager::begin_transaction_sql(&mut *conn, &rls_begin_sql(user)).await?;
+            true
+        }
+    };
+    Ok(Scoped {
+        conn,
+        in_transaction,
+    })
+}
+
+impl Scoped {
+    pub fn conn(&mut self) -> &mut AsyncPgConnection {
+        &mut self.conn
+    }
+
+    /// Commits after success, rolls back after failure, and passes `result` on.
+    pub async fn finish<T>(mut self, result: Result<T>) -> Result<T> {
+        if !self.in_transaction {
+            return result;
+        }
+        let conn: &mut AsyncPgConnection = &mut self.conn;
+        match result {
+            Ok(value) => {
+                AnsiTransactionManager::commit_transaction(conn).await?;
+                Ok(value)
+            }
+            Err(e) => {
+                // A failed rollback leaves the manager broken; the pool then discards it.
+                let _ = AnsiTransactionManager::rollback_transaction(conn).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `BEGIN` plus the PostgREST-style settings for one user. The only interpolated value is a
+/// parsed UUID (hex digits and dashes), so there is nothing to escape.
+fn rls_begin_sql(user: uuid::Uuid) -> String {
+    format!(
+        "BEGIN; SELECT set_config('role', 'authenticated', true), \
+         set_config('request.jwt.claims', '{{\"sub\":\"{user}\",\"role\":\"authenticated\"}}', true)"
+    )
+}
+
+/// One cheap round trip, for health checks.
+pub async fn ping(pool: &PgPool) -> Result<()> {
+    use diesel_async::RunQueryDsl;
+    let mut conn = pool.get().await?;
+    diesel::sql_query("SELECT 1").execute(&mut conn).await?;
+    Ok(())
+}
+
+/// Connects once, outside the pool (for tools and tests).
+pub async fn connect(database_url: &str) -> Result<AsyncPgConnection> {
+    AsyncPgConnection::establish(database_url)
+        .await
+        .map_err(|e| Error::Unavailable(Box::new(e)))
+}

@@ -1,0 +1,54 @@
+//! Rows as they come out of PostgreSQL, and the `job_status` enum's wire format.
+use chrono::{DateTime, Utc};
+use diesel::deserialize::{self, FromSql};
+use diesel::pg::{Pg, PgValue};
+use diesel::prelude::*;
+use diesel::serialize::{self, IsNull, Output, ToSql};
+use std::io::Write;
+use uuid::Uuid;
+
+use super::schema::{jobs, sql_types};
+use crate::domain::JobStatus;
+
+/// One row of `jobs`.
+#[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = jobs, check_for_backend(Pg))]
+pub struct JobRow {
+    pub id: Uuid,
+    pub user_id: Option<Uuid>,
+    pub agent_identifier: String,
+    pub status: JobStatus,
+    pub job_data: Option<serde_json::Value>,
+    pub result: Option<serde_json::Value>,
+    pub error_message: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub version: i64,
+    pub request_id: Option<String>,
+}
+
+/// A job row plus whether this statement wrote it (insert or compare-and-set).
+#[derive(Debug, QueryableByName)]
+pub struct WrittenRow {
+    #[diesel(embed)]
+    pub job: JobRow,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub written: bool,
+}
+
+// The enum travels as its label, in both text and binary format.
+impl ToSql<sql_types::JobStatus, Pg> for JobStatus {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+        out.write_all(self.as_str().as_bytes())?;
+        Ok(IsNull::No)
+    }
+}
+
+impl FromSql<sql_types::JobStatus, Pg> for JobStatus {
+    fn from_sql(bytes: PgValue<'_>) -> deserialize::Result<Self> {
+        let s = std::str::from_utf8(bytes.as_bytes())?;
+        JobStatus::parse(s).ok_or_else(|| format!("unknown job_status {s:?}").into())
+    }
+}

@@ -1,0 +1,205 @@
+//! One error type for the whole service and its one mapping to `tonic::Status`.
+//!
+//! Every status carries a `google.rpc.ErrorInfo` (domain `jobsvc`, a stable reason) so programs
+//! in any language can branch on it. Database and internal details are logged here, with the
+//! call's request id, and never sent to the client.
+use std::collections::HashMap;
+
+use tonic::Code;
+use tonic_types::{ErrorDetails, StatusExt};
+use uuid::Uuid;
+
+use crate::domain::JobStatus;
+
+pub const DOMAIN: &str = "jobsvc";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request field is malformed; `field` names it for `BadRequest`.
+    #[error("{message}")]
+    InvalidArgument {
+        field: &'static str,
+        reason: &'static str,
+        message: String,
+    },
+    #[error("{message}")]
+    Unauthenticated {
+        reason: &'static str,
+        message: String,
+    },
+    #[error("{message}")]
+    PermissionDenied {
+        reason: &'static str,
+        message: String,
+    },
+    #[error("job {0} not found")]
+    JobNotFound(Uuid),
+    #[error("job is {} and cannot move to {}", .current.as_str(), .requested.as_str())]
+    InvalidTransition {
+        current: JobStatus,
+        requested: JobStatus,
+    },
+    #[error(
+        "job is at version {actual}, not the expected version {expected}; re-read it and retry"
+    )]
+    VersionMismatch { expected: i64, actual: i64 },
+    #[error(
+        "request_id {request_id:?} was already used for a different job; use a new request_id for a new job"
+    )]
+    IdempotencyKeyReused { request_id: String },
+    /// A compare-and-set kept losing races with concurrent writers.
+    #[error("the job changed concurrently several times; retry the call")]
+    Conflict,
+    #[error("{message}")]
+    ResourceExhausted {
+        reason: &'static str,
+        message: String,
+    },
+    #[error("{0} is not implemented yet")]
+    Unimplemented(&'static str),
+    /// The database cannot be reached; retry with backoff.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    #[error("internal error: {0}")]
+    Internal(#[source] BoxError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn invalid(field: &'static str, reason: &'static str, message: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            field,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn unauthenticated(reason: &'static str, message: impl Into<String>) -> Self {
+        Error::Unauthenticated {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub fn denied(reason: &'static str, message: impl Into<String>) -> Self {
+        Error::PermissionDenied {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// The stable `ErrorInfo.reason` of this error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::InvalidArgument { reason, .. }
+            | Error::Unauthenticated { reason, .. }
+            | Error::PermissionDenied { reason, .. }
+            | Error::ResourceExhausted { reason, .. } => reason,
+            Error::JobNotFound(_) => "JOB_NOT_FOUND",
+            Error::InvalidTransition { .. } => "INVALID_TRANSITION",
+            Error::VersionMismatch { .. } => "VERSION_MISMATCH",
+            Error::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
+            Error::Unimplemented(_) => "NOT_IMPLEMENTED",
+            Error::Conflict => "CONCURRENT_UPDATE",
+            Error::Unavailable(_) => "DATABASE_UNAVAILABLE",
+            Error::Internal(_) => "INTERNAL",
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::Unauthenticated { .. } => Code::Unauthenticated,
+            Error::PermissionDenied { .. } => Code::PermissionDenied,
+            Error::JobNotFound(_) => Code::NotFound,
+            Error::InvalidTransition { .. } => Code::FailedPrecondition,
+            Error::VersionMismatch { .. } => Code::Aborted,
+            Error::IdempotencyKeyReused { .. } => Code::AlreadyExists,
+            Error::ResourceExhausted { .. } => Code::ResourceExhausted,
+            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Conflict => Code::Aborted,
+            Error::Unavailable(_) => Code::Unavailable,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The status sent to the client. Internal details stay in the log, tied to `request_id`.
+    pub fn into_status(self, request_id: &str) -> tonic::Status {
+        let code = self.code();
+        let reason = self.reason();
+        let mut metadata = HashMap::new();
+        let message = match &self {
+            Error::Unavailable(source) => {
+                tracing::warn!(error = %source, "database unavailable");
+                format!("database unavailable, retry with backoff (request id {request_id})")
+            }
+            Error::Internal(source) => {
+                tracing::error!(error = %source, "internal error");
+                format!("internal error (request id {request_id})")
+            }
+            Error::InvalidTransition { current, requested } => {
+                metadata.insert("current_status".into(), current.as_str().into());
+                metadata.insert("requested_status".into(), requested.as_str().into());
+                self.to_string()
+            }
+            Error::VersionMismatch { expected, actual } => {
+                metadata.insert("expected_version".into(), expected.to_string());
+                metadata.insert("actual_version".into(), actual.to_string());
+                self.to_string()
+            }
+            Error::InvalidArgument { field, .. } => {
+                metadata.insert("field".into(), (*field).into());
+                self.to_string()
+            }
+            _ => self.to_string(),
+        };
+        let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
+        if let Error::InvalidArgument { field, message, .. } = &self {
+            details.add_bad_request_violation(*field, message.clone());
+        }
+        tonic::Status::with_error_details(code, message, details)
+    }
+}
+
+/// Messages of PostgreSQL errors that mean "the server is going away or not there yet" rather
+/// than "this statement is wrong". diesel does not expose SQLSTATE for these, so the text is
+/// the only signal; this is the one place that reads it.
+const UNAVAILABLE_MESSAGES: &[&str] = &[
+    "terminating connection",
+    "the database system is",
+    "connection to server",
+    "server closed the connection",
+    "no connection to the server",
+    "could not connect",
+    "connection closed",
+];
+
+impl From<diesel::result::Error> for Error {
+    fn from(e: diesel::result::Error) -> Self {
+        use diesel::result::DatabaseErrorKind as K;
+        use diesel::result::Error as D;
+        match &e {
+            D::DatabaseError(K::ClosedConnection | K::UnableToSendCommand, _) => {
+                Error::Unavailable(Box::new(e))
+            }
+            D::DatabaseError(_, info)
+                if UNAVAILABLE_MESSAGES
+                    .iter()
+                    .any(|m| info.message().contains(m)) =>
+            {
+                Error::Unavailable(Box::new(e))
+            }
+            D::BrokenTransactionManager => Error::Unavailable(Box::new(e)),
+            _ => Error::Internal(Box::new(e)),
+        }
+    }
+}
+
+impl From<diesel_async::pooled_connection::deadpool::PoolError> for Error {
+    fn from(e: diesel_async::pooled_connection::deadpool::PoolError) -> Self {
+        Error::Unavailable(Box::new(e))
+    }
+}

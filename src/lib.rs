@@ -1,0 +1,26 @@
+//! jobsvc: a gRPC job service.
+//!
+//! Module map, in the order a request meets them:
+//! - [`server`]: the tonic server (health, reflection, HTTP/2 limits, graceful shutdown).
+//! - [`service`]: JobService; each RPC authenticates, validates, runs one database call, replies.
+//! - [`auth`]: bearer JWT to [`auth::Caller`]; nothing else decides who may see what.
+//! - [`convert`]: the only place proto and domain types meet; request validation.
+//! - [`domain`]: job states and the transition table.
+//! - [`db`]: pool, migrations, all SQL, and row-level-security scoping per caller.
+//! - [`error`]: one error type and its one mapping to gRPC status with ErrorInfo.
+//! - [`embedded_pg`]: the private PostgreSQL used when no DATABASE_URL is given.
+//! - [`app`] and [`config`]: wiring for the `jobsvc` binary.
+//!
+//! Data path of a write: service -> convert (validate) -> db (one statement, under the
+//! caller's RLS context for users) -> commit -> wake waiters -> convert back to proto.
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod convert;
+pub mod db;
+pub mod domain;
+pub mod embedded_pg;
+pub mod error;
+pub mod pb;
+pub mod server;
+pub mod service;

@@ -1,0 +1,22 @@
+use clap::Parser;
+use jobsvc::config::{Cli, Command, ServeArgs};
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Token(args)) => jobsvc::app::print_token(args),
+        Some(Command::Serve(args)) => jobsvc::app::serve(*args).await,
+        None => match ServeArgs::from_env() {
+            Ok(args) => jobsvc::app::serve(args).await,
+            Err(e) => e.exit(),
+        },
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("jobsvc: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

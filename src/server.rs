@@ -1,0 +1,133 @@
+//! The gRPC server as a function of (listener, state, shutdown): the binary and the tests
+//! share it. Health, reflection (v1 and v1alpha), explicit HTTP/2 limits, graceful shutdown.
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::db::{self, PgPool};
+use crate::pb;
+use crate::pb::job_service_server::JobServiceServer;
+use crate::service::{AppState, JobSvc};
+
+/// Health is re-checked this often; with the ping timeout below, a lost or returned database
+/// shows in health within about 3 s.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+const HEALTH_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// HTTP/2 and message limits, all set explicitly rather than left to tonic's defaults.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl Limits {
+    /// Streams a client may reset (or make us reset) before the connection is closed: the
+    /// guard against rapid-reset floods.
+    const MAX_RESET_STREAMS: usize = 64;
+    const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, tells long calls to return, and
+/// waits for in-flight calls to finish.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    shutdown_tx: watch::Sender<bool>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let monitor = tokio::spawn(monitor_health(
+        reporter,
+        state.pool.clone(),
+        state.shutdown.clone(),
+    ));
+
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid");
+
+    let jobs = JobServiceServer::new(JobSvc::new(state.clone()))
+        .max_decoding_message_size(limits.max_message_bytes)
+        .max_encoding_message_size(limits.max_message_bytes);
+
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new calls, finishing in-flight ones");
+        let _ = shutdown_tx.send(true);
+    };
+
+    let result = Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(Limits::MAX_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(Limits::MAX_RESET_STREAMS))
+        .http2_max_header_list_size(Limits::MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(jobs)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    monitor.abort();
+    result
+}
+
+/// Reflection knows our service, health, both reflection versions (so `grpcurl list` shows
+/// them) and google.rpc's error details (so grpcurl decodes ErrorInfo).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// SERVING while the database answers, NOT_SERVING otherwise, for "" and jobs.v1.JobService.
+async fn monitor_health(
+    reporter: HealthReporter,
+    pool: PgPool,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut last: Option<ServingStatus> = None;
+    loop {
+        let status = match tokio::time::timeout(HEALTH_PING_TIMEOUT, db::ping(&pool)).await {
+            Ok(Ok(())) if !*shutdown.borrow() => ServingStatus::Serving,
+            _ => ServingStatus::NotServing,
+        };
+        if last != Some(status) {
+            match status {
+                ServingStatus::Serving => tracing::info!("database reachable: SERVING"),
+                _ => tracing::warn!("database unreachable: NOT_SERVING"),
+            }
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status(
+                    <JobServiceServer<JobSvc> as tonic::server::NamedService>::NAME,
+                    status,
+                )
+                .await;
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! JobService: each RPC reads top to bottom: authenticate, validate, one database call, notify,
+//! reply.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::Stream;
+use tokio::sync::{broadcast, watch};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::auth::{Authenticator, Caller};
+use crate::convert::{self, JsonLimits};
+use crate::db::jobs::{NewJob, StatusChange};
+use crate::db::models::JobRow;
+use crate::db::{self, PgPool};
+use crate::domain::{JobStatus, Transition, transition};
+use crate::error::{Error, Result};
+use crate::pb;
+
+/// How long WaitJob sleeps between re-reads when no in-process change wakes it: changes made
+/// by other replicas or plain SQL are seen within this interval.
+const WAIT_REREAD_INTERVAL: Duration = Duration::from_secs(1);
+const WAIT_DEFAULT: Duration = Duration::from_secs(30);
+const WAIT_MAX: Duration = Duration::from_secs(300);
+/// A compare-and-set that loses a race is re-diagnosed with a fresh read at most this often.
+const CAS_ATTEMPTS: usize = 5;
+
+/// Everything a call needs, shared by all calls.
+pub struct AppState {
+    pub pool: PgPool,
+    pub auth: Authenticator,
+    pub limits: JsonLimits,
+    /// Ids of jobs changed through this process; wakes waiters at once.
+    pub changes: broadcast::Sender<Uuid>,
+    /// Flips to true when the server starts shutting down: long calls return early.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+#[derive(Clone)]
+pub struct JobSvc {
+    state: Arc<AppState>,
+}
+
+impl JobSvc {
+    pub fn new(state: Arc<AppState>) -> Self {
+        JobSvc { state }
+    }
+
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller> {
+        let caller = self.state.auth.authenticate(request.metadata())?;
+        tracing::Span::current().record("role", caller.role_name());
+        Ok(caller)
+    }
+
+    fn notify(&self, id: Uuid) {
+        // No receivers is fine: nobody is waiting.
+        let _ = self.state.changes.send(id);
+    }
+
+    /// Moves a job through the compare-and-set, then tells retry, forbidden move and version
+    /// mismatch apart from the row the statement saw.
+    async fn apply_change(&self, caller: &Caller, change: StatusChange) -> Result<JobRow> {
+        let scope = caller.user();
+        for _ in 0..CAS_ATTEMPTS {
+            let mut db = db::scoped(&self.state.pool, caller).await?;
+            let row = db::jobs::compare_and_set_status(db.conn(), scope, &change).await;
+            let row = db.finish(row).await?.ok_or(Error::JobNotFound(change.id))?;
+            if row.written {
+                self.notify(change.id);
+                return Ok(row.job);
+            }
+            match transition(row.job.status, change.target) {
+                Transition::AlreadyDone => return Ok(row.job),
+                Transition::Forbidden => {
+                    return Err(Error::InvalidTransition {
+                        current: row.job.status,
+                        requested: change.target,
+                    });
+                }
+                Transition::Apply => match change.expected_version {
+                    Some(expected) if expected != row.job.version => {
+                        return Err(Error::VersionMismatch {
+                            expected,
+                            actual: row.job.version,
+                        });
+                    }
+                    // The statement's snapshot predates a concurrent move: read again.
+                    _ => continue,
+                },
+            }
+        }
+        Err(Error::Conflict)
+    }
+
+    async fn get(&self, caller: &Caller, id: Uuid) -> Result<JobRow> {
+        let scope = caller.user();
+        let mut db = db::scoped(&self.state.pool, caller).await?;
+        let row = db::jobs::get(db.conn(), scope, id).await;
+        db.finish(row).await?.ok_or(Error::JobNotFound(id))
+    }
+}
+
+/// One call's bookkeeping: request id, span, timer, and the one log line at the end.
+struct Call {
+    method: &'static str,
+    request_id: String,
+    span: tracing::Span,
+    started: Instant,
+}
+
+impl Call {
+    fn start<T>(method: &'static str, request: &Request<T>) -> Self {
+        let request_id = request
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 64
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| Uuid::new_v4().to_string());
+        let span = tracing::info_span!(
+            "rpc",
+            method,
+            request_id = %request_id,
+            role = tracing::field::Empty
+        );
+        Call {
+            method,
+            request_id,
+            span,
+            started: Instant::now(),
+        }
+    }
+
+    /// Logs the call and turns the result into the gRPC answer.
+    fn finish<T>(self, result: Result<T>) -> Result<Response<T>, Status> {
+        let _enter = self.span.enter();
+        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(body) => {
+                tracing::info!(method = self.method, code = "OK", elapsed_ms, "call");
+                let mut response = Response::new(body);
+                if let Ok(v) = self.request_id.parse() {
+                    response.metadata_mut().insert("x-request-id", v);
+                }
+                Ok(response)
+            }
+            Err(e) => {
+                let status = e.into_status(&self.request_id);
+                tracing::info!(
+                    method = self.method,
+                    code = ?status.code(),
+                    elapsed_ms,
+                    "call"
+                );
+                Err(status)
+            }
+        }
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::JobUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobSvc {
+    async fn create_job(
+        &self,
+        request: Request<pb::CreateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = Call::start("CreateJob", &request);
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            let msg = request.into_inner();
+            let owner =
+                caller.resolve_user(convert::parse_optional_uuid("user_id", &msg.user_id)?)?;
+            let new = NewJob {
+                owner,
+                agent_identifier: convert::validate_agent_identifier(
+                    "agent_identifier",
+                    &msg.agent_identifier,
+                )?,
+                job_data: match msg.job_data {
+                    Some(s) => convert::struct_to_json("job_data", s, self.state.limits)?,
+                    None => serde_json::json!({}),
+                },
+                request_id: convert::validate_request_id(&msg.request_id)?,
+            };
+            let mut db = db::scoped(&self.state.pool, &caller).await?;
+            let row = db::jobs::insert(db.conn(), &new).await;
+            let row = db.finish(row).await?;
+            if row.written {
+                self.notify(row.job.id);
+            } else if row.job.agent_identifier != new.agent_identifier
+                || row.job.job_data.as_ref() != Some(&new.job_data)
+            {
+                return Err(Error::IdempotencyKeyReused {
+                    request_id: new.request_id.clone().unwrap_or_default(),
+                });
+            }
+            Ok(convert::job_to_pb(row.job))
+        }
+        .instrument(call.span.clone())
+        .await;
+        call.finish(result)
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = Call::start("GetJob", &request);
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            let id = convert::parse_uuid("id", &request.get_ref().id)?;
+            Ok(convert::job_to_pb(self.get(&caller, id).await?))
+        }
+        .instrument(call.span.clone())
+        .await;
+        call.finish(result)
+    }
+
+    async fn update_status(
+        &self,
+        request: Request<pb::UpdateStatusRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = Call::start("UpdateStatus", &request);
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            let msg = request.into_inner();
+            let change = StatusChange {
+                id: convert::parse_uuid("id", &msg.id)?,
+                target: convert::parse_status("status", msg.status)?,
+                result: msg
+                    .result
+                    .map(|v| convert::value_to_json("result", v, self.state.limits))
+                    .transpose()?,
+                error_message: convert::validate_error_message(&msg.error_message)?,
+                expected_version: msg.expected_version,
+            };
+            Ok(convert::job_to_pb(
+                self.apply_change(&caller, change).await?,
+            ))
+        }
+        .instrument(call.span.clone())
+        .await;
+        call.finish(result)
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = Call::start("CancelJob", &request);
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            let change = StatusChange {
+                id: convert::parse_uuid("id", &request.get_ref().id)?,
+                target: JobStatus::Cancelled,
+                result: None,
+                error_message: None,
+                expected_version: None,
+            };
+            Ok(convert::job_to_pb(
+                self.apply_change(&caller, change).await?,
+            ))
+        }
+        .instrument(call.span.clone())
+        .await;
+        call.finish(result)
+    }
+
+    async fn wait_job(
+        &self,
+        request: Request<pb::WaitJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = Call::start("WaitJob", &request);
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            let msg = request.into_inner();
+            let id = convert::parse_uuid("id", &msg.id)?;
+            let timeout = match msg.timeout {
+                None => WAIT_DEFAULT,
+                Some(d) => Duration::try_from(d)
+                    .map_err(|_| {
+                        Error::invalid(
+                            "timeout",
+                            "INVALID_TIMEOUT",
+                            "timeout must be a non-negative duration",
+                        )
+                    })?
+                    .min(WAIT_MAX),
+            };
+            let deadline = tokio::time::Instant::now() + timeout;
+            // Subscribe before the first read, so a change between the two is not missed.
+            let mut changes = self.state.changes.subscribe();
+            let mut shutdown = self.state.shutdown.clone();
+            loop {
+                let job = self.get(&caller, id).await?;
+                let now = tokio::time::Instant::now();
+                if job.status.is_terminal() || now >= deadline || *shutdown.borrow() {
+                    return Ok(convert::job_to_pb(job));
+                }
+                let wake = (now + WAIT_REREAD_INTERVAL).min(deadline);
+                tokio::select! {
+                    _ = wait_for_change(&mut changes, id) => {}
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+        .instrument(call.span.clone())
+        .await;
+        call.finish(result)
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let call = Call::start("ListJobs", &request);
+        let result = self
+            .authenticate(&request)
+            .and(Err(Error::Unimplemented("ListJobs")));
+        call.finish(result)
+    }
+
+    async fn list_job_events(
+        &self,
+        request: Request<pb::ListJobEventsRequest>,
+    ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
+        let call = Call::start("ListJobEvents", &request);
+        let result = self
+            .authenticate(&request)
+            .and(Err(Error::Unimplemented("ListJobEvents")));
+        call.finish(result)
+    }
+
+    type StreamJobUpdatesStream = UpdateStream;
+
+    async fn stream_job_updates(
+        &self,
+        request: Request<pb::StreamJobUpdatesRequest>,
+    ) -> Result<Response<Self::StreamJobUpdatesStream>, Status> {
+        let call = Call::start("StreamJobUpdates", &request);
+        let result = self
+            .authenticate(&request)
+            .and(Err(Error::Unimplemented("StreamJobUpdates")));
+        call.finish(result)
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::JobStats>, Status> {
+        let call = Call::start("GetStats", &request);
+        let result = self
+            .authenticate(&request)
+            .and(Err(Error::Unimplemented("GetStats")));
+        call.finish(result)
+    }
+}
+
+/// Resolves when job `id` changed through this process, or when changes were dropped
+/// (lagging), so the caller re-reads. Never resolves once the sender is gone.
+async fn wait_for_change(rx: &mut broadcast::Receiver<Uuid>, id: Uuid) {
+    loop {
+        match rx.recv().await {
+            Ok(changed) if changed == id => return,
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}

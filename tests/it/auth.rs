@@ -1,0 +1,370 @@
+//! Who may call and what they may reach: token checks, roles, tenant isolation in the
+//! application and in row-level security.
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use jobsvc::pb::{self, JobStatus as S};
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::harness::{self, SECRET, TestServer, assert_err};
+
+fn sign(header: serde_json::Value, claims: serde_json::Value, secret: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let h = B64.encode(header.to_string());
+    let c = B64.encode(claims.to_string());
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(format!("{h}.{c}").as_bytes());
+    let sig = B64.encode(mac.finalize().into_bytes());
+    format!("{h}.{c}.{sig}")
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_unauthenticated_and_other_roles_denied() {
+    let server = TestServer::start().await;
+    let user = Uuid::new_v4().to_string();
+    let hs256 = serde_json::json!({"alg": "HS256", "typ": "JWT"});
+    let good = |claims: serde_json::Value| sign(hs256.clone(), claims, SECRET.as_bytes());
+    let unsigned = |alg: &str| {
+        format!(
+            "{}.{}.",
+            B64.encode(serde_json::json!({"alg": alg, "typ": "JWT"}).to_string()),
+            B64.encode(serde_json::json!({"role": "service_role", "exp": now() + 600}).to_string())
+        )
+    };
+    let cases: Vec<(&str, Option<String>, Code, &str)> = vec![
+        ("no token", None, Code::Unauthenticated, "TOKEN_MISSING"),
+        (
+            "not bearer",
+            Some("Basic abc".into()),
+            Code::Unauthenticated,
+            "TOKEN_MISSING",
+        ),
+        (
+            "garbage",
+            Some("Bearer not.a.jwt".into()),
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+        ),
+        (
+            "wrong secret",
+            Some(sign(
+                hs256.clone(),
+                serde_json::json!({"role": "service_role", "exp": now() + 600}),
+                b"another-secret-another-secret-0000",
+            )),
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+        ),
+        (
+            "alg none",
+            Some(unsigned("none")),
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+        ),
+        (
+            "alg NoNe",
+            Some(unsigned("NoNe")),
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+        ),
+        (
+            "alg HS512",
+            Some(sign(
+                serde_json::json!({"alg": "HS512"}),
+                serde_json::json!({"role": "service_role", "exp": now() + 600}),
+                SECRET.as_bytes(),
+            )),
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+        ),
+        (
+            "expired",
+            Some(good(
+                serde_json::json!({"role": "service_role", "exp": now() - 3600}),
+            )),
+            Code::Unauthenticated,
+            "TOKEN_EXPIRED",
+        ),
+        (
+            "no exp",
+            Some(good(serde_json::json!({"role": "service_role"}))),
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+        ),
+        (
+            "string exp",
+            Some(good(
+                serde_json::json!({"role": "service_role", "exp": "9999999999"}),
+            )),
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+        ),
+        (
+            "not yet valid",
+            Some(good(
+                serde_json::json!({"role": "service_role", "exp": now() + 7200, "nbf": now() + 3600}),
+            )),
+            Code::Unauthenticated,
+            "TOKEN_NOT_YET_VALID",
+        ),
+        (
+            "sub not a uuid",
+            Some(good(
+                serde_json::json!({"role": "authenticated", "sub": "bob", "exp": now() + 600}),
+            )),
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+        ),
+        (
+            "authenticated without sub",
+            Some(good(
+                serde_json::json!({"role": "authenticated", "exp": now() + 600}),
+            )),
+            Code::Unauthenticated,
+            "TOKEN_INVALID",
+        ),
+        (
+            "anon",
+            Some(good(
+                serde_json::json!({"role": "anon", "exp": now() + 600}),
+            )),
+            Code::PermissionDenied,
+            "ROLE_NOT_ALLOWED",
+        ),
+        (
+            "no role",
+            Some(good(serde_json::json!({"sub": user, "exp": now() + 600}))),
+            Code::PermissionDenied,
+            "ROLE_NOT_ALLOWED",
+        ),
+    ];
+    let channel = server.channel().await;
+    for (name, token, code, reason) in cases {
+        let mut client = pb::job_service_client::JobServiceClient::new(channel.clone());
+        let mut req = tonic::Request::new(pb::GetJobRequest {
+            id: Uuid::new_v4().to_string(),
+        });
+        if let Some(t) = &token {
+            let value = if t.starts_with("Bearer ") || t.starts_with("Basic ") {
+                t.clone()
+            } else {
+                format!("Bearer {t}")
+            };
+            req.metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        let status = client.get_job(req).await.expect_err(name);
+        assert_eq!(status.code(), code, "{name}: {status:?}");
+        assert_eq!(harness::reason(&status), reason, "{name}");
+    }
+    // Within the leeway an expired token still works; the right token works.
+    let mut c = server
+        .client(Some(&good(
+            serde_json::json!({"role": "service_role", "exp": now() - 5}),
+        )))
+        .await;
+    c.create_job(pb::CreateJobRequest {
+        agent_identifier: "a".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("token expired 5 s ago is inside the 30 s leeway");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_only_reach_their_own_jobs() {
+    let server = TestServer::start().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut ca = server.user(a).await;
+    let mut cb = server.user(b).await;
+    let mut svc = server.service().await;
+
+    let job_a = ca
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job_a.user_id, a.to_string(), "a user's job is its own");
+    let same_user = ca
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: "x".into(),
+            user_id: a.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(same_user.user_id, a.to_string());
+
+    // B cannot see or touch A's job: it does not exist for B.
+    let id = job_a.id.clone();
+    assert_err(
+        cb.get_job(pb::GetJobRequest { id: id.clone() }).await,
+        Code::NotFound,
+        "JOB_NOT_FOUND",
+    );
+    assert_err(
+        cb.update_status(pb::UpdateStatusRequest {
+            id: id.clone(),
+            status: S::Running as i32,
+            ..Default::default()
+        })
+        .await,
+        Code::NotFound,
+        "JOB_NOT_FOUND",
+    );
+    assert_err(
+        cb.cancel_job(pb::CancelJobRequest { id: id.clone() }).await,
+        Code::NotFound,
+        "JOB_NOT_FOUND",
+    );
+    assert_err(
+        cb.wait_job(pb::WaitJobRequest {
+            id: id.clone(),
+            timeout: None,
+        })
+        .await,
+        Code::NotFound,
+        "JOB_NOT_FOUND",
+    );
+    assert_eq!(
+        ca.get_job(pb::GetJobRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .version,
+        1,
+        "nothing B tried changed the job"
+    );
+    // B naming A as owner is refused.
+    assert_err(
+        cb.create_job(pb::CreateJobRequest {
+            agent_identifier: "x".into(),
+            user_id: a.to_string(),
+            ..Default::default()
+        })
+        .await,
+        Code::PermissionDenied,
+        "USER_MISMATCH",
+    );
+
+    // The service role reaches every job and creates for anyone, or no one.
+    svc.get_job(pb::GetJobRequest { id: id.clone() })
+        .await
+        .unwrap();
+    let for_b = svc
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: "x".into(),
+            user_id: b.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(for_b.user_id, b.to_string());
+    cb.get_job(pb::GetJobRequest {
+        id: for_b.id.clone(),
+    })
+    .await
+    .expect("B sees the job made for it");
+    let nobody = svc
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(nobody.user_id, "");
+    assert_err(
+        ca.get_job(pb::GetJobRequest {
+            id: nobody.id.clone(),
+        })
+        .await,
+        Code::NotFound,
+        "JOB_NOT_FOUND",
+    );
+    svc.update_status(pb::UpdateStatusRequest {
+        id: id.clone(),
+        status: S::Running as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    server.stop().await;
+}
+
+/// Row-level security is the second wall: a statement with no user filter at all, run in a
+/// user's database context, still returns only that user's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unscoped_sql_in_a_user_context_sees_only_that_user() {
+    use diesel_async::RunQueryDsl;
+    let server = TestServer::start().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut svc = server.service().await;
+    for owner in [a, a, b, b, b] {
+        svc.create_job(pb::CreateJobRequest {
+            agent_identifier: "x".into(),
+            user_id: owner.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    svc.create_job(pb::CreateJobRequest {
+        agent_identifier: "x".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let pool = jobsvc::db::pool(&server.db_url, 2).unwrap();
+    let auth = jobsvc::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
+    let rows_for = |token: String| {
+        let pool = pool.clone();
+        let caller = auth.verify(&token).unwrap();
+        async move {
+            let mut db = jobsvc::db::scoped(&pool, &caller).await.unwrap();
+            let rows = diesel::sql_query("SELECT * FROM jobs")
+                .load::<jobsvc::db::models::JobRow>(db.conn())
+                .await
+                .map_err(jobsvc::error::Error::from);
+            db.finish(rows).await.unwrap()
+        }
+    };
+    let seen = rows_for(harness::user_token(a)).await;
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|r| r.user_id == Some(a)));
+    let seen = rows_for(harness::user_token(b)).await;
+    assert_eq!(seen.len(), 3);
+    assert!(seen.iter().all(|r| r.user_id == Some(b)));
+    assert_eq!(rows_for(harness::service_token()).await.len(), 6);
+
+    // The settings end with the transaction: the pooled connection is clean afterwards.
+    let mut conn = pool.get().await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Who {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        role: String,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        claims: Option<String>,
+    }
+    let who: Who = diesel::sql_query(
+        "SELECT current_user::text AS role, nullif(current_setting('request.jwt.claims', true), '') AS claims",
+    )
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((who.role.as_str(), who.claims), ("postgres", None));
+    server.stop().await;
+}

@@ -1,0 +1,259 @@
+//! Test harness: one private PostgreSQL per test binary (never the machine's own), a fresh
+//! database per test, the real server on port 0, and generated gRPC clients over real sockets.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobsvc::config::ServeArgs;
+use jobsvc::embedded_pg::{EmbeddedPg, PgOptions};
+use jobsvc::pb::job_service_client::JobServiceClient;
+use tokio::net::TcpListener;
+use tokio::sync::{OnceCell, oneshot};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+pub const SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
+
+static PG: OnceCell<Arc<EmbeddedPg>> = OnceCell::const_new();
+
+/// Removes clusters left by earlier runs whose process is gone.
+fn clean_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("jobsvc-test-")
+            && let Ok(pid) = pid.parse::<i32>()
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A new private cluster under the temp directory, listening on a free loopback port.
+pub async fn new_cluster(tag: &str) -> EmbeddedPg {
+    init_logs();
+    let dir = std::env::temp_dir()
+        .join(format!("jobsvc-test-{}", std::process::id()))
+        .join(tag);
+    let _ = std::fs::remove_dir_all(&dir);
+    let pg = EmbeddedPg::init(
+        &dir,
+        PgOptions {
+            tcp_port: Some(0),
+            durable: false,
+            max_connections: 400,
+        },
+    )
+    .expect("a private PostgreSQL (is PostgreSQL installed? see README)");
+    pg.start().await.expect("starting the private PostgreSQL");
+    pg
+}
+
+/// Server logs in test output, filtered by TEST_LOG (e.g. TEST_LOG=debug); silent by default.
+fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// The cluster shared by every test of this binary.
+pub async fn shared_pg() -> Arc<EmbeddedPg> {
+    init_logs();
+    PG.get_or_init(|| async {
+        clean_stale_dirs();
+        Arc::new(new_cluster("shared").await)
+    })
+    .await
+    .clone()
+}
+
+/// A fresh, migrated database on `pg`; returns its URL.
+pub async fn fresh_database(pg: &EmbeddedPg) -> String {
+    let name = format!("t_{}", Uuid::new_v4().simple());
+    pg.ensure_database(&name)
+        .await
+        .expect("creating a test database");
+    let url = pg.url(&name);
+    jobsvc::db::migrate(&url)
+        .await
+        .expect("migrating the test database");
+    url
+}
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub db_url: String,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// A server on its own database of the shared cluster.
+    pub async fn start() -> Self {
+        let pg = shared_pg().await;
+        let url = fresh_database(&pg).await;
+        Self::start_on(&url, &[]).await
+    }
+
+    /// A server on an existing, migrated database, with extra `serve` flags.
+    pub async fn start_on(db_url: &str, extra: &[&str]) -> Self {
+        let mut argv = vec![
+            "jobsvc",
+            "--database-url",
+            db_url,
+            "--jwt-secret",
+            SECRET,
+            "--pool-size",
+            "8",
+        ];
+        argv.extend_from_slice(extra);
+        let args = ServeArgs::parse_args(argv).expect("test serve arguments");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let url = db_url.to_owned();
+        let handle = tokio::spawn(async move {
+            jobsvc::app::run_server(&args, &url, SECRET.as_bytes(), listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        TestServer {
+            addr,
+            db_url: db_url.to_owned(),
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connecting to the test server")
+    }
+
+    /// A JobService client sending `token` (or none).
+    pub async fn client(&self, token: Option<&str>) -> Client {
+        JobServiceClient::with_interceptor(self.channel().await, Bearer::new(token))
+    }
+
+    pub async fn service(&self) -> Client {
+        self.client(Some(&service_token())).await
+    }
+
+    pub async fn user(&self, user: Uuid) -> Client {
+        self.client(Some(&user_token(user))).await
+    }
+
+    /// Graceful shutdown; waits for the server task to end.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(30), h)
+                .await
+                .expect("server stops within 30 s")
+                .expect("server task ends cleanly");
+        }
+    }
+}
+
+pub type Client = JobServiceClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Bearer {
+    pub fn new(token: Option<&str>) -> Self {
+        Bearer(token.map(|t| format!("Bearer {t}").parse().unwrap()))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub fn service_token() -> String {
+    jobsvc::auth::issue(
+        SECRET.as_bytes(),
+        "service_role",
+        None,
+        Duration::from_secs(3600),
+    )
+}
+
+pub fn user_token(user: Uuid) -> String {
+    jobsvc::auth::issue(
+        SECRET.as_bytes(),
+        "authenticated",
+        Some(user),
+        Duration::from_secs(3600),
+    )
+}
+
+/// Polls `check` every 50 ms until it holds, failing after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The ErrorInfo reason of a status (panics if there is none: every error must carry one).
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    let info = details
+        .error_info()
+        .unwrap_or_else(|| panic!("status without ErrorInfo: {status:?}"));
+    assert_eq!(info.domain, "jobsvc");
+    info.reason.clone()
+}
+
+/// Asserts a call failed with `code` and ErrorInfo `reason`.
+#[track_caller]
+pub fn assert_err<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: tonic::Code,
+    want_reason: &str,
+) -> tonic::Status {
+    let status = result.expect_err("call should fail");
+    assert_eq!(status.code(), code, "unexpected code: {status:?}");
+    assert_eq!(
+        reason(&status),
+        want_reason,
+        "unexpected reason: {status:?}"
+    );
+    assert!(!status.message().is_empty());
+    status
+}

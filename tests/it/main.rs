@@ -1,0 +1,6 @@
+//! The one integration test binary: real PostgreSQL, real gRPC over real sockets.
+mod auth;
+mod bad_input;
+mod foundation;
+mod harness;
+mod lifecycle;
