@@ -140,6 +140,7 @@ pub async fn run_server(
             max_bytes: args.max_job_data_bytes,
             max_depth: args.max_job_data_depth,
         },
+        tokens: crate::tokens::TokenKey::derive(secret),
         changes: broadcast::channel(4096).0,
         shutdown: shutdown_rx,
     });

@@ -124,6 +124,49 @@ pub fn parse_status(field: &'static str, raw: i32) -> Result<JobStatus> {
     }
 }
 
+pub const DEFAULT_PAGE_SIZE: i64 = 50;
+pub const MAX_PAGE_SIZE: i64 = 1000;
+
+/// `page_size`: 0 means the default, larger than the maximum is clamped, negative is refused.
+pub fn page_size(raw: i32) -> Result<i64> {
+    match raw {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n < 0 => Err(Error::invalid(
+            "page_size",
+            "INVALID_PAGE_SIZE",
+            format!("page_size must not be negative (got {n}); 0 means {DEFAULT_PAGE_SIZE}"),
+        )),
+        n => Ok(i64::from(n).min(MAX_PAGE_SIZE)),
+    }
+}
+
+pub fn parse_timestamp(field: &'static str, t: Timestamp) -> Result<chrono::DateTime<chrono::Utc>> {
+    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000);
+    nanos
+        .and_then(|n| chrono::DateTime::from_timestamp(t.seconds, n))
+        .ok_or_else(|| {
+            Error::invalid(
+                field,
+                "INVALID_TIMESTAMP",
+                format!("{field} is not a valid timestamp"),
+            )
+        })
+}
+
+/// A non-negative duration.
+pub fn parse_duration(
+    field: &'static str,
+    d: prost_types::Duration,
+) -> Result<std::time::Duration> {
+    std::time::Duration::try_from(d).map_err(|_| {
+        Error::invalid(
+            field,
+            "INVALID_DURATION",
+            format!("{field} must be a non-negative duration"),
+        )
+    })
+}
+
 pub fn status_to_pb(s: JobStatus) -> pb::JobStatus {
     match s {
         JobStatus::Pending => pb::JobStatus::Pending,

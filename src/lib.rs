@@ -7,6 +7,7 @@
 //! - [`convert`]: the only place proto and domain types meet; request validation.
 //! - [`domain`]: job states and the transition table.
 //! - [`db`]: pool, migrations, all SQL, and row-level-security scoping per caller.
+//! - [`tokens`]: opaque signed page (and resume) tokens.
 //! - [`error`]: one error type and its one mapping to gRPC status with ErrorInfo.
 //! - [`embedded_pg`]: the private PostgreSQL used when no DATABASE_URL is given.
 //! - [`app`] and [`config`]: wiring for the `jobsvc` binary.
@@ -24,3 +25,4 @@ pub mod error;
 pub mod pb;
 pub mod server;
 pub mod service;
+pub mod tokens;

@@ -12,12 +12,13 @@ use uuid::Uuid;
 
 use crate::auth::{Authenticator, Caller};
 use crate::convert::{self, JsonLimits};
-use crate::db::jobs::{NewJob, StatusChange};
+use crate::db::jobs::{ListFilter, NewJob, StatusChange};
 use crate::db::models::JobRow;
 use crate::db::{self, PgPool};
 use crate::domain::{JobStatus, Transition, transition};
 use crate::error::{Error, Result};
 use crate::pb;
+use crate::tokens::{self, Fingerprint, PageCursor, TokenKey};
 
 /// How long WaitJob sleeps between re-reads when no in-process change wakes it: changes made
 /// by other replicas or plain SQL are seen within this interval.
@@ -32,6 +33,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub auth: Authenticator,
     pub limits: JsonLimits,
+    /// Signs page tokens (and later resume tokens).
+    pub tokens: TokenKey,
     /// Ids of jobs changed through this process; wakes waiters at once.
     pub changes: broadcast::Sender<Uuid>,
     /// Flips to true when the server starts shutting down: long calls return early.
@@ -286,15 +289,7 @@ impl pb::job_service_server::JobService for JobSvc {
             let id = convert::parse_uuid("id", &msg.id)?;
             let timeout = match msg.timeout {
                 None => WAIT_DEFAULT,
-                Some(d) => Duration::try_from(d)
-                    .map_err(|_| {
-                        Error::invalid(
-                            "timeout",
-                            "INVALID_TIMEOUT",
-                            "timeout must be a non-negative duration",
-                        )
-                    })?
-                    .min(WAIT_MAX),
+                Some(d) => convert::parse_duration("timeout", d)?.min(WAIT_MAX),
             };
             let deadline = tokio::time::Instant::now() + timeout;
             // Subscribe before the first read, so a change between the two is not missed.
@@ -324,9 +319,37 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let call = Call::start("ListJobs", &request);
-        let result = self
-            .authenticate(&request)
-            .and(Err(Error::Unimplemented("ListJobs")));
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            let msg = request.into_inner();
+            let page_size = convert::page_size(msg.page_size)?;
+            let filter = list_filter(&caller, msg.clone(), self.state.limits)?;
+            let fingerprint = list_fingerprint(&filter);
+            let after = match msg.page_token.as_str() {
+                "" => None,
+                token => Some(self.state.tokens.open_page_token(token, &fingerprint)?),
+            };
+            let mut db = db::scoped(&self.state.pool, &caller).await?;
+            let rows = db::jobs::list(db.conn(), &filter, after, page_size + 1).await;
+            let mut rows = db.finish(rows).await?;
+            let next_page_token = if rows.len() as i64 > page_size {
+                rows.truncate(page_size as usize);
+                let last = rows.last().expect("page_size is at least 1");
+                let cursor = PageCursor {
+                    created_at: last.created_at,
+                    id: last.id,
+                };
+                self.state.tokens.page_token(&fingerprint, cursor)
+            } else {
+                String::new()
+            };
+            Ok(pb::ListJobsResponse {
+                jobs: rows.into_iter().map(convert::job_to_pb).collect(),
+                next_page_token,
+            })
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -364,6 +387,62 @@ impl pb::job_service_server::JobService for JobSvc {
             .and(Err(Error::Unimplemented("GetStats")));
         call.finish(result)
     }
+}
+
+/// The validated filter of a ListJobs request; a user's scope is always the user itself.
+fn list_filter(
+    caller: &Caller,
+    msg: pb::ListJobsRequest,
+    limits: JsonLimits,
+) -> Result<ListFilter> {
+    let mut statuses = msg
+        .statuses
+        .iter()
+        .map(|s| convert::parse_status("statuses", *s))
+        .collect::<Result<Vec<_>>>()?;
+    statuses.sort();
+    statuses.dedup();
+    Ok(ListFilter {
+        user: caller.resolve_user(convert::parse_optional_uuid("user_id", &msg.user_id)?)?,
+        statuses,
+        agent_identifier: match msg.agent_identifier.as_str() {
+            "" => None,
+            a => Some(convert::validate_agent_identifier("agent_identifier", a)?),
+        },
+        created_after: msg
+            .created_after
+            .map(|t| convert::parse_timestamp("created_after", t))
+            .transpose()?,
+        created_before: msg
+            .created_before
+            .map(|t| convert::parse_timestamp("created_before", t))
+            .transpose()?,
+        job_data_contains: msg
+            .job_data_contains
+            .map(|s| convert::struct_to_json("job_data_contains", s, limits))
+            .transpose()?,
+        running_longer_than_us: msg
+            .running_longer_than
+            .map(|d| {
+                convert::parse_duration("running_longer_than", d)
+                    .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            })
+            .transpose()?,
+    })
+}
+
+/// What a page token is bound to: the effective filter, the caller's scope included.
+fn list_fingerprint(f: &ListFilter) -> Fingerprint {
+    let canonical = serde_json::json!({
+        "user": f.user,
+        "statuses": f.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "agent": f.agent_identifier,
+        "after": f.created_after.map(|t| t.timestamp_micros()),
+        "before": f.created_before.map(|t| t.timestamp_micros()),
+        "contains": f.job_data_contains,
+        "running_longer_than_us": f.running_longer_than_us,
+    });
+    tokens::fingerprint(canonical.to_string().as_bytes())
 }
 
 /// Resolves when job `id` changed through this process, or when changes were dropped

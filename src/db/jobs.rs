@@ -137,3 +137,97 @@ pub async fn compare_and_set_status(
         .await?;
     Ok(rows.into_iter().next())
 }
+
+/// A validated ListJobs filter. `user` is the effective scope (always set for users).
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub user: Option<Uuid>,
+    pub statuses: Vec<JobStatus>,
+    pub agent_identifier: Option<String>,
+    pub created_after: Option<chrono::DateTime<chrono::Utc>>,
+    pub created_before: Option<chrono::DateTime<chrono::Utc>>,
+    pub job_data_contains: Option<serde_json::Value>,
+    /// Microseconds: RUNNING jobs whose `started_at` is older than this (database clock).
+    pub running_longer_than_us: Option<i64>,
+}
+
+/// One page of jobs, newest first (`created_at` desc, `id` desc), strictly after `after`.
+///
+/// The statement is assembled from the filters that are set, so the planner sees only real
+/// predicates; the keyset condition is a row comparison that the
+/// `(…, created_at DESC, id DESC)` indexes serve directly.
+pub async fn list(
+    conn: &mut AsyncPgConnection,
+    filter: &ListFilter,
+    after: Option<crate::tokens::PageCursor>,
+    limit: i64,
+) -> Result<Vec<JobRow>> {
+    use diesel::sql_types::{Interval, Timestamptz};
+    let mut sql = String::from("SELECT * FROM jobs WHERE TRUE");
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    if filter.user.is_some() {
+        sql += &format!(" AND user_id = ${}", next());
+    }
+    if !filter.statuses.is_empty() {
+        sql += &format!(" AND status = ANY(${}::job_status[])", next());
+    }
+    if filter.agent_identifier.is_some() {
+        sql += &format!(" AND agent_identifier = ${}", next());
+    }
+    if filter.created_after.is_some() {
+        sql += &format!(" AND created_at > ${}", next());
+    }
+    if filter.created_before.is_some() {
+        sql += &format!(" AND created_at < ${}", next());
+    }
+    if filter.job_data_contains.is_some() {
+        sql += &format!(" AND job_data @> ${}", next());
+    }
+    if filter.running_longer_than_us.is_some() {
+        sql += &format!(
+            " AND status = 'running' AND started_at < now() - ${}",
+            next()
+        );
+    }
+    if after.is_some() {
+        let (a, b) = (next(), next());
+        sql += &format!(" AND (created_at, id) < (${a}, ${b})");
+    }
+    sql += &format!(" ORDER BY created_at DESC, id DESC LIMIT ${}", next());
+
+    let mut query = diesel::sql_query(sql).into_boxed::<diesel::pg::Pg>();
+    if let Some(user) = filter.user {
+        query = query.bind::<diesel::sql_types::Uuid, _>(user);
+    }
+    if !filter.statuses.is_empty() {
+        let labels: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        query = query.bind::<Array<Text>, _>(labels);
+    }
+    if let Some(agent) = &filter.agent_identifier {
+        query = query.bind::<Text, _>(agent.clone());
+    }
+    if let Some(t) = filter.created_after {
+        query = query.bind::<Timestamptz, _>(t);
+    }
+    if let Some(t) = filter.created_before {
+        query = query.bind::<Timestamptz, _>(t);
+    }
+    if let Some(j) = &filter.job_data_contains {
+        query = query.bind::<Jsonb, _>(j.clone());
+    }
+    if let Some(us) = filter.running_longer_than_us {
+        query =
+            query.bind::<Interval, _>(diesel::pg::data_types::PgInterval::from_microseconds(us));
+    }
+    if let Some(c) = after {
+        query = query
+            .bind::<Timestamptz, _>(c.created_at)
+            .bind::<diesel::sql_types::Uuid, _>(c.id);
+    }
+    query = query.bind::<BigInt, _>(limit);
+    Ok(query.load(conn).await?)
+}

@@ -426,7 +426,7 @@ async fn wait_job_returns_on_terminal_state_or_timeout() {
             }),
         })
         .await;
-    assert_err(neg, Code::InvalidArgument, "INVALID_TIMEOUT");
+    assert_err(neg, Code::InvalidArgument, "INVALID_DURATION");
     server.stop().await;
 }
 

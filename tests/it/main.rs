@@ -4,3 +4,4 @@ mod bad_input;
 mod foundation;
 mod harness;
 mod lifecycle;
+mod list;
