@@ -52,6 +52,7 @@ pub async fn run(
         state.pool.clone(),
         state.shutdown.clone(),
     ));
+    let folder = tokio::spawn(fold_stats(state.pool.clone(), state.shutdown.clone()));
 
     let reflection_v1 = reflection()
         .build_v1()
@@ -85,7 +86,30 @@ pub async fn run(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     monitor.abort();
+    folder.abort();
     result
+}
+
+/// How often the stats rollup's per-writer rows are merged (a few hundred rows at most
+/// accumulate in between; reads stay exact either way).
+const FOLD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps the stats rollup compact. Every replica may run it: concurrent folds skip each other.
+async fn fold_stats(pool: PgPool, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FOLD_INTERVAL) => {}
+            _ = shutdown.changed() => return,
+        }
+        let result = async {
+            let mut conn = pool.get().await?;
+            db::stats::fold(&mut conn).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "stats fold skipped");
+        }
+    }
 }
 
 /// Reflection knows our service, health, both reflection versions (so `grpcurl list` shows

@@ -5,6 +5,7 @@
 pub mod jobs;
 pub mod models;
 pub mod schema;
+pub mod stats;
 
 use std::time::Duration;
 
@@ -88,14 +89,30 @@ pub struct Scoped {
 /// The service role gets the connection as is: it sees every row, and a single statement
 /// needs no transaction.
 pub async fn scoped(pool: &PgPool, caller: &Caller) -> Result<Scoped> {
+    begin_scoped(pool, caller, false).await
+}
+
+/// Like [`scoped`], but always in a transaction that plans every statement for its actual
+/// values (`plan_cache_mode = force_custom_plan`): for statements such as ListJobs whose best
+/// index depends on how selective the bound values are, where a cached generic plan would
+/// walk the wrong index. The setting travels with `BEGIN`, in the same round trip.
+pub async fn scoped_with_custom_plans(pool: &PgPool, caller: &Caller) -> Result<Scoped> {
+    begin_scoped(pool, caller, true).await
+}
+
+async fn begin_scoped(pool: &PgPool, caller: &Caller, custom_plans: bool) -> Result<Scoped> {
+    const CUSTOM: &str = "; SET LOCAL plan_cache_mode = force_custom_plan";
     let mut conn = pool.get().await?;
-    let in_transaction = match caller.role() {
-        Role::Service => false,
-        Role::User(user) => {
-            AnsiTransactionManager::begin_transaction_sql(&mut *conn, &rls_begin_sql(user)).await?;
-            true
-        }
+    let begin = match (caller.role(), custom_plans) {
+        (Role::Service, false) => None,
+        (Role::Service, true) => Some(format!("BEGIN{CUSTOM}")),
+        (Role::User(user), false) => Some(rls_begin_sql(user)),
+        (Role::User(user), true) => Some(format!("{}{CUSTOM}", rls_begin_sql(user))),
     };
+    let in_transaction = begin.is_some();
+    if let Some(sql) = begin {
+        AnsiTransactionManager::begin_transaction_sql(&mut *conn, &sql).await?;
+    }
     Ok(Scoped {
         conn,
         in_transaction,

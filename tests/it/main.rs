@@ -5,3 +5,4 @@ mod foundation;
 mod harness;
 mod lifecycle;
 mod list;
+mod stats;

@@ -1,0 +1,90 @@
+//! GetStats from the `job_stats_rollup` table (migration 2026-11-25-000002): counts and the
+//! processing-time sum are kept exact by statement-level triggers in every writing
+//! transaction, so reading them costs a few index rows, not a scan of `jobs`.
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{BigInt, Double, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, PartialEq, diesel::QueryableByName)]
+pub struct Counts {
+    #[diesel(sql_type = BigInt)]
+    pub total: i64,
+    #[diesel(sql_type = BigInt)]
+    pub pending: i64,
+    #[diesel(sql_type = BigInt)]
+    pub running: i64,
+    #[diesel(sql_type = BigInt)]
+    pub completed: i64,
+    #[diesel(sql_type = BigInt)]
+    pub failed: i64,
+    #[diesel(sql_type = BigInt)]
+    pub cancelled: i64,
+    #[diesel(sql_type = Double)]
+    pub avg_processing_seconds: f64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Oldest {
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    oldest: Option<DateTime<Utc>>,
+}
+
+const COUNTS_SELECT: &str = "
+SELECT coalesce(sum(jobs), 0)::int8 AS total,
+       coalesce(sum(jobs) FILTER (WHERE status = 'pending'), 0)::int8 AS pending,
+       coalesce(sum(jobs) FILTER (WHERE status = 'running'), 0)::int8 AS running,
+       coalesce(sum(jobs) FILTER (WHERE status = 'completed'), 0)::int8 AS completed,
+       coalesce(sum(jobs) FILTER (WHERE status = 'failed'), 0)::int8 AS failed,
+       coalesce(sum(jobs) FILTER (WHERE status = 'cancelled'), 0)::int8 AS cancelled,
+       coalesce(sum(processing_seconds) / nullif(sum(processing_count), 0), 0)::float8
+           AS avg_processing_seconds
+FROM job_stats_rollup";
+
+const OLDEST_SELECT: &str = "SELECT min(created_at) AS oldest FROM jobs WHERE status = 'pending'";
+
+/// The WHERE clause for a scope: one fixed text per case, so each has its own cached plan
+/// using its own index (a nullable-parameter clause would defeat the index in a generic plan).
+fn scope_clause(user: Option<Uuid>, agent: Option<&str>, first_keyword: &str) -> String {
+    match (user, agent) {
+        (None, None) => String::new(),
+        (Some(_), None) => format!(" {first_keyword} user_id = $1"),
+        (None, Some(_)) => format!(" {first_keyword} agent_identifier = $1"),
+        (Some(_), Some(_)) => format!(" {first_keyword} user_id = $1 AND agent_identifier = $2"),
+    }
+}
+
+/// Figures for all jobs (`user` None), one user's, optionally for one agent. The oldest
+/// pending job is read first: inside one transaction, jobs before rollup is the lock order
+/// the triggers use.
+pub async fn get(
+    conn: &mut AsyncPgConnection,
+    user: Option<Uuid>,
+    agent: Option<&str>,
+) -> Result<(Counts, Option<DateTime<Utc>>)> {
+    let oldest_sql = format!("{OLDEST_SELECT}{}", scope_clause(user, agent, "AND"));
+    let counts_sql = format!("{COUNTS_SELECT}{}", scope_clause(user, agent, "WHERE"));
+    let mut oldest_q = diesel::sql_query(oldest_sql).into_boxed::<diesel::pg::Pg>();
+    let mut counts_q = diesel::sql_query(counts_sql).into_boxed::<diesel::pg::Pg>();
+    if let Some(u) = user {
+        oldest_q = oldest_q.bind::<diesel::sql_types::Uuid, _>(u);
+        counts_q = counts_q.bind::<diesel::sql_types::Uuid, _>(u);
+    }
+    if let Some(a) = agent {
+        oldest_q = oldest_q.bind::<Text, _>(a.to_owned());
+        counts_q = counts_q.bind::<Text, _>(a.to_owned());
+    }
+    let oldest: Oldest = oldest_q.get_result(conn).await?;
+    let counts: Counts = counts_q.get_result(conn).await?;
+    Ok((counts, oldest.oldest))
+}
+
+/// Merges the per-writer shard rows of the rollup into one row per group.
+pub async fn fold(conn: &mut AsyncPgConnection) -> Result<()> {
+    diesel::sql_query("SELECT job_stats_fold()")
+        .execute(conn)
+        .await?;
+    Ok(())
+}
