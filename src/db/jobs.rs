@@ -155,7 +155,9 @@ pub struct ListFilter {
 ///
 /// The statement is assembled from the filters that are set, so the planner sees only real
 /// predicates; the keyset condition is a row comparison that the
-/// `(…, created_at DESC, id DESC)` indexes serve directly.
+/// `(…, created_at DESC, id DESC)` indexes of migration 2026-11-25-000003 serve directly.
+/// Run it in a transaction begun by [`super::scoped_with_custom_plans`]: a generic plan
+/// ignores how selective the bound values are.
 pub async fn list(
     conn: &mut AsyncPgConnection,
     filter: &ListFilter,
@@ -172,8 +174,12 @@ pub async fn list(
     if filter.user.is_some() {
         sql += &format!(" AND user_id = ${}", next());
     }
-    if !filter.statuses.is_empty() {
-        sql += &format!(" AND status = ANY(${}::job_status[])", next());
+    // One status is written as `status = $n`: PostgreSQL 15 walks the
+    // (status, created_at, id) index in order only for equality, not for `= ANY`.
+    match filter.statuses.len() {
+        0 => {}
+        1 => sql += &format!(" AND status = ${}::job_status", next()),
+        _ => sql += &format!(" AND status = ANY(${}::job_status[])", next()),
     }
     if filter.agent_identifier.is_some() {
         sql += &format!(" AND agent_identifier = ${}", next());
@@ -203,9 +209,13 @@ pub async fn list(
     if let Some(user) = filter.user {
         query = query.bind::<diesel::sql_types::Uuid, _>(user);
     }
-    if !filter.statuses.is_empty() {
-        let labels: Vec<&str> = filter.statuses.iter().map(|s| s.as_str()).collect();
-        query = query.bind::<Array<Text>, _>(labels);
+    match filter.statuses.as_slice() {
+        [] => {}
+        [one] => query = query.bind::<Text, _>(one.as_str()),
+        many => {
+            let labels: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+            query = query.bind::<Array<Text>, _>(labels);
+        }
     }
     if let Some(agent) = &filter.agent_identifier {
         query = query.bind::<Text, _>(agent.clone());

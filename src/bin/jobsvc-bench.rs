@@ -1,0 +1,455 @@
+//! jobsvc-bench: load against jobsvc beside the same work done by pgbench, in one run.
+//!
+//! Starts a private PostgreSQL and an in-process jobsvc (nothing to set up), loads data when a
+//! scenario needs it, warms up, then drives N concurrent callers for a fixed time and reports
+//! throughput and latency percentiles; for scenarios with a database equivalent it runs
+//! pgbench on the same database with the same concurrency and prints the ratio.
+//! `--json` prints one object per scenario per line.
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use diesel_async::RunQueryDsl;
+use jobsvc::config::ServeArgs;
+use jobsvc::embedded_pg::{EmbeddedPg, PgOptions};
+use jobsvc::pb;
+use jobsvc::pb::job_service_client::JobServiceClient;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+const SECRET: &str = "bench-secret-0123456789-0123456789-abcdef";
+const SCENARIOS: &[&str] = &[
+    "create",
+    "create-rls",
+    "get",
+    "get-rls",
+    "list-first",
+    "list-deep",
+];
+
+#[derive(Parser, Debug)]
+#[command(about = "Benchmark jobsvc against pgbench on the same database")]
+struct Args {
+    /// Scenario name, or `all`: create, create-rls, get, get-rls, list-first, list-deep.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Concurrent callers (and pgbench clients).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Measured time per scenario.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Warm-up time per scenario (not measured).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Jobs loaded for the list scenarios, spread over 1,000 users.
+    #[arg(long, default_value_t = 1_000_000)]
+    jobs: i64,
+    /// One JSON object per scenario per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Where the private PostgreSQL lives (wiped at start).
+    #[arg(long, default_value = "target/bench-pg")]
+    data_dir: std::path::PathBuf,
+    /// Server connection pool size.
+    #[arg(long, default_value_t = 16)]
+    pool_size: usize,
+}
+
+/// The UUID of bench user `i` (also computable in SQL for pgbench).
+fn user(i: u64) -> Uuid {
+    Uuid::parse_str(&format!("00000000-0000-0000-0000-{i:012}")).unwrap()
+}
+const USER_SQL: &str = "('00000000-0000-0000-0000-' || lpad(:u::text, 12, '0'))::uuid";
+
+struct Env {
+    pg: EmbeddedPg,
+    url: String,
+    addr: std::net::SocketAddr,
+    loaded_jobs: i64,
+}
+
+#[derive(Default)]
+struct Outcome {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    errors: u64,
+    pgbench_tps: Option<f64>,
+    pgbench_p50_ms: Option<f64>,
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let args = Args::parse();
+    let names: Vec<&str> = if args.scenario == "all" {
+        SCENARIOS.to_vec()
+    } else if SCENARIOS.contains(&args.scenario.as_str()) {
+        vec![args.scenario.as_str()]
+    } else {
+        return Err(format!(
+            "unknown scenario {}; one of {SCENARIOS:?} or all",
+            args.scenario
+        )
+        .into());
+    };
+    let mut env = start(&args).await?;
+    if !args.json {
+        println!(
+            "{:<12} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>7}",
+            "scenario", "rps", "p50 ms", "p99 ms", "p999 ms", "pgbench tps", "pgb p50 ms", "ratio"
+        );
+    }
+    for name in names {
+        let o = run_scenario(&args, &mut env, name).await?;
+        let ratio = o.pgbench_tps.map(|t| o.rps / t);
+        if args.json {
+            let line = serde_json::json!({
+                "scenario": name, "concurrency": args.concurrency, "rps": o.rps,
+                "p50_ms": o.p50_ms, "p99_ms": o.p99_ms, "p999_ms": o.p999_ms, "errors": o.errors,
+                "pgbench_tps": o.pgbench_tps, "pgbench_p50_ms": o.pgbench_p50_ms, "ratio": ratio,
+            });
+            println!("{line}");
+        } else {
+            let opt =
+                |v: Option<f64>, p: usize| v.map(|v| format!("{v:.p$}")).unwrap_or("-".into());
+            println!(
+                "{:<12} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>12} {:>12} {:>7}",
+                name,
+                o.rps,
+                o.p50_ms,
+                o.p99_ms,
+                o.p999_ms,
+                opt(o.pgbench_tps, 0),
+                opt(o.pgbench_p50_ms, 2),
+                opt(ratio, 2)
+            );
+        }
+    }
+    env.pg.stop().await;
+    Ok(())
+}
+
+async fn start(args: &Args) -> Result<Env, Box<dyn std::error::Error + Send + Sync>> {
+    let _ = std::fs::remove_dir_all(&args.data_dir);
+    let pg = EmbeddedPg::init(
+        &args.data_dir,
+        PgOptions {
+            tcp_port: Some(0),
+            durable: true,
+            max_connections: 300,
+        },
+    )?;
+    pg.start().await?;
+    pg.ensure_database("bench").await?;
+    let url = pg.url("bench");
+    jobsvc::db::migrate(&url).await?;
+    let serve = ServeArgs::parse_args([
+        "jobsvc",
+        "--database-url",
+        &url,
+        "--jwt-secret",
+        SECRET,
+        "--pool-size",
+        &args.pool_size.to_string(),
+    ])?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server_url = url.clone();
+    tokio::spawn(async move {
+        let never = std::future::pending::<()>();
+        if let Err(e) =
+            jobsvc::app::run_server(&serve, &server_url, SECRET.as_bytes(), listener, never).await
+        {
+            eprintln!("server failed: {e}");
+        }
+    });
+    Ok(Env {
+        pg,
+        url,
+        addr,
+        loaded_jobs: 0,
+    })
+}
+
+/// `n` jobs over users 1..=1000 and 10 agents, created over 90 days, ~300-byte job_data.
+async fn load(env: &mut Env, n: i64) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if env.loaded_jobs >= n {
+        return Ok(());
+    }
+    eprintln!("loading {n} jobs ...");
+    let t = Instant::now();
+    let mut conn = jobsvc::db::connect(&env.url).await?;
+    diesel::sql_query(format!(
+        "INSERT INTO jobs (user_id, agent_identifier, status, job_data, created_at, started_at, completed_at)
+         SELECT ('00000000-0000-0000-0000-' || lpad((1 + i % 1000)::text, 12, '0'))::uuid,
+                'agent-' || (i % 10),
+                (ARRAY['completed','completed','completed','failed','pending','running','cancelled']::job_status[])[1 + i % 7],
+                jsonb_build_object('kind', 'k' || (i % 20), 'priority', 1 + i % 5, 'region', 'r' || (i % 5),
+                                   'payload', repeat('x', 220)),
+                now() - make_interval(secs => (i * 7776000.0 / {n})),
+                now() - make_interval(secs => (i * 7776000.0 / {n})) + interval '1 second',
+                now() - make_interval(secs => (i * 7776000.0 / {n})) + interval '5 seconds'
+         FROM generate_series(1, {n}) AS i"
+    ))
+    .execute(&mut conn)
+    .await?;
+    diesel::sql_query("VACUUM ANALYZE jobs")
+        .execute(&mut conn)
+        .await?;
+    env.loaded_jobs = n;
+    eprintln!("loaded in {:.1}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+type Client = JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
+
+#[derive(Clone)]
+struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+async fn client(addr: std::net::SocketAddr, role: &str, sub: Option<Uuid>) -> Client {
+    let token = jobsvc::auth::issue(SECRET.as_bytes(), role, sub, Duration::from_secs(3600));
+    // One HTTP/2 connection per caller, as independent services would have.
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    JobServiceClient::with_interceptor(channel, Auth(format!("Bearer {token}").parse().unwrap()))
+}
+
+/// Drives `call` from `concurrency` tasks for warm-up plus duration; returns measured latencies.
+async fn drive<F, Fut>(args: &Args, make: F) -> Outcome
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let make = Arc::new(make);
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let end = measure_from + args.duration;
+    let mut tasks = Vec::new();
+    for worker in 0..args.concurrency {
+        let make = make.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let ok = make(worker, i).await;
+                i += 1;
+                if t >= measure_from {
+                    if ok {
+                        lat.push(t.elapsed().as_micros() as u32);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, e) = t.await.unwrap();
+        all.extend(lat);
+        errors += e;
+    }
+    all.sort_unstable();
+    let pct = |p: f64| {
+        if all.is_empty() {
+            0.0
+        } else {
+            all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0
+        }
+    };
+    Outcome {
+        rps: all.len() as f64 / args.duration.as_secs_f64(),
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        errors,
+        ..Default::default()
+    }
+}
+
+/// Runs pgbench with `script` on the bench database: (tps, mean latency ms).
+fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
+    let bin = EmbeddedPg::find_bin_dir().ok()?.join("pgbench");
+    let file = std::env::temp_dir().join(format!("jobsvc-bench-{}.sql", std::process::id()));
+    std::fs::write(&file, script).ok()?;
+    let out = Command::new(bin)
+        .args([
+            "-n",
+            "-M",
+            "prepared",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-p",
+        ])
+        .arg(env.pg.port().to_string())
+        .args(["-c", &args.concurrency.to_string(), "-j", "2", "-T"])
+        .arg(args.duration.as_secs().max(1).to_string())
+        .arg("-f")
+        .arg(&file)
+        .arg("bench")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let grab = |prefix: &str| {
+        text.lines().find(|l| l.starts_with(prefix)).and_then(|l| {
+            l.split(['=', ' '])
+                .filter_map(|w| w.trim().parse::<f64>().ok())
+                .next()
+        })
+    };
+    let tps = grab("tps")?;
+    let lat = grab("latency average").unwrap_or(0.0);
+    Some((tps, lat))
+}
+
+async fn run_scenario(
+    args: &Args,
+    env: &mut Env,
+    name: &str,
+) -> Result<Outcome, Box<dyn std::error::Error + Send + Sync>> {
+    let addr = env.addr;
+    // One client per caller, made before the clock starts.
+    let mut clients = Vec::new();
+    for w in 0..args.concurrency {
+        let c = match name {
+            "create" | "get" => client(addr, "service_role", None).await,
+            _ => client(addr, "authenticated", Some(user(1 + (w as u64 % 1000)))).await,
+        };
+        clients.push(c);
+    }
+    let clients = Arc::new(clients);
+    let mut outcome;
+    match name {
+        "create" | "create-rls" => {
+            let c = clients.clone();
+            outcome = drive(args, move |w, _| {
+                let mut c = c[w].clone();
+                async move {
+                    c.create_job(pb::CreateJobRequest {
+                        agent_identifier: "bench".into(),
+                        job_data: Some(jobsvc::convert::json_to_struct(
+                            serde_json::json!({"kind": "k1", "priority": 3, "payload": "x".repeat(250)}),
+                        )),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok()
+                }
+            })
+            .await;
+            let (tps, lat) = pgbench(
+                env,
+                args,
+                "INSERT INTO jobs (user_id, agent_identifier, job_data) VALUES \
+                 ('00000000-0000-0000-0000-000000000001', 'bench', \
+                 '{\"kind\": \"k1\", \"priority\": 3, \"payload\": \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}') RETURNING *;\n",
+            )
+            .unzip();
+            outcome.pgbench_tps = tps;
+            outcome.pgbench_p50_ms = lat;
+        }
+        "get" | "get-rls" => {
+            // One job per caller, owned by that caller's user.
+            let mut ids = Vec::new();
+            for (w, c) in clients.iter().enumerate() {
+                let mut c = c.clone();
+                let req = pb::CreateJobRequest {
+                    agent_identifier: "bench".into(),
+                    user_id: if name == "get" {
+                        user(1 + (w as u64 % 1000)).to_string()
+                    } else {
+                        String::new()
+                    },
+                    ..Default::default()
+                };
+                ids.push(c.create_job(req).await?.into_inner().id);
+            }
+            let ids = Arc::new(ids);
+            let c = clients.clone();
+            let shared = ids.clone();
+            outcome = drive(args, move |w, _| {
+                let mut c = c[w].clone();
+                let id = shared[w].clone();
+                async move { c.get_job(pb::GetJobRequest { id }).await.is_ok() }
+            })
+            .await;
+            let script = format!("SELECT * FROM jobs WHERE id = '{}';\n", ids[0]);
+            let (tps, lat) = pgbench(env, args, &script).unzip();
+            outcome.pgbench_tps = tps;
+            outcome.pgbench_p50_ms = lat;
+        }
+        "list-first" | "list-deep" => {
+            load(env, args.jobs).await?;
+            // For the deep page: a cursor half-way down each user's list.
+            let deep: HashMap<usize, String> = if name == "list-deep" {
+                let mut m = HashMap::new();
+                // Half-way down: one page of half the user's jobs (at most 1000 per page).
+                let half = ((args.jobs / 1000 / 2) as i32).clamp(1, 1000);
+                for (w, c) in clients.iter().enumerate() {
+                    let mut c = c.clone();
+                    let req = pb::ListJobsRequest {
+                        page_size: half,
+                        ..Default::default()
+                    };
+                    m.insert(w, c.list_jobs(req).await?.into_inner().next_page_token);
+                }
+                m
+            } else {
+                HashMap::new()
+            };
+            let deep = Arc::new(deep);
+            let c = clients.clone();
+            outcome = drive(args, move |w, _| {
+                let mut c = c[w].clone();
+                let page_token = deep.get(&w).cloned().unwrap_or_default();
+                async move {
+                    c.list_jobs(pb::ListJobsRequest {
+                        page_size: 50,
+                        page_token,
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok()
+                }
+            })
+            .await;
+            // Jobs are spread evenly over 90 days, so half-way down is 45 days ago.
+            let keyset = if name == "list-deep" {
+                "AND (created_at, id) < (now() - interval '45 days', 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid) "
+            } else {
+                ""
+            };
+            let script = format!(
+                "\\set u random(1, 1000)\n\
+                 SELECT * FROM jobs WHERE user_id = {USER_SQL} {keyset}ORDER BY created_at DESC, id DESC LIMIT 51;\n"
+            );
+            let (tps, lat) = pgbench(env, args, &script).unzip();
+            outcome.pgbench_tps = tps;
+            outcome.pgbench_p50_ms = lat;
+        }
+        _ => unreachable!(),
+    }
+    Ok(outcome)
+}
