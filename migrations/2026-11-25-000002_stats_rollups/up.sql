@@ -434,10 +434,21 @@ CREATE FUNCTION job_oldest_pending(p_user_id uuid, p_agent_identifier text)
 AS $$
 DECLARE
     v_uid uuid;
+    -- The caller's effective role: SET ROLE's target, else the login role
+    -- (inside SECURITY DEFINER current_user is the definer, not the caller).
+    v_role name := CASE WHEN current_setting('role') = 'none' THEN session_user
+                        ELSE current_setting('role')::name END;
 BEGIN
-    -- The visibility of the jobs policies: the service role sees every job;
-    -- anyone else only the jobs whose user_id is its auth.uid().
-    IF (SELECT auth.role()) IS DISTINCT FROM 'service_role' THEN
+    -- The visibility of jobs for the caller: row-level security does not apply
+    -- to superusers, BYPASSRLS roles and the table's owner (the service itself,
+    -- or plain SQL by an administrator); under it, the service role sees every
+    -- job and anyone else only the jobs whose user_id is its auth.uid().
+    IF (SELECT auth.role()) IS DISTINCT FROM 'service_role'
+       AND NOT EXISTS (SELECT 1 FROM pg_roles r
+                       WHERE r.rolname = v_role
+                         AND (r.rolsuper OR r.rolbypassrls
+                              OR r.oid = (SELECT c.relowner FROM pg_class c
+                                          WHERE c.oid = 'public.jobs'::regclass))) THEN
         v_uid := auth.uid();
         IF v_uid IS NULL OR p_user_id <> v_uid THEN
             RETURN NULL;         -- nothing visible

@@ -43,40 +43,44 @@ SELECT coalesce(sum(jobs), 0)::int8 AS total,
            AS avg_processing_seconds
 FROM job_stats_rollup";
 
-const OLDEST_SELECT: &str = "SELECT min(created_at) AS oldest FROM jobs WHERE status = 'pending'";
+// A SECURITY DEFINER function that applies the jobs policies itself and branches to four
+// statically planned index lookups: under row-level security a plain min() could not use the
+// partial indexes (enum equality is not leakproof).
+const OLDEST_SELECT: &str = "SELECT job_oldest_pending($1::uuid, $2::text) AS oldest";
 
-/// The WHERE clause for a scope: one fixed text per case, so each has its own cached plan
-/// using its own index (a nullable-parameter clause would defeat the index in a generic plan).
-fn scope_clause(user: Option<Uuid>, agent: Option<&str>, first_keyword: &str) -> String {
+/// The WHERE clause of the counts for a scope.
+fn scope_clause(user: Option<Uuid>, agent: Option<&str>) -> &'static str {
     match (user, agent) {
-        (None, None) => String::new(),
-        (Some(_), None) => format!(" {first_keyword} user_id = $1"),
-        (None, Some(_)) => format!(" {first_keyword} agent_identifier = $1"),
-        (Some(_), Some(_)) => format!(" {first_keyword} user_id = $1 AND agent_identifier = $2"),
+        (None, None) => "",
+        (Some(_), None) => " WHERE user_id = $1",
+        (None, Some(_)) => " WHERE agent_identifier = $1",
+        (Some(_), Some(_)) => " WHERE user_id = $1 AND agent_identifier = $2",
     }
 }
 
 /// Figures for all jobs (`user` None), one user's, optionally for one agent. The oldest
 /// pending job is read first: inside one transaction, jobs before rollup is the lock order
 /// the triggers use.
+/// The counts use one fixed statement text per scope, so each has its own cached plan on its
+/// own index (a nullable-parameter clause would defeat the index in a generic plan).
 pub async fn get(
     conn: &mut AsyncPgConnection,
     user: Option<Uuid>,
     agent: Option<&str>,
 ) -> Result<(Counts, Option<DateTime<Utc>>)> {
-    let oldest_sql = format!("{OLDEST_SELECT}{}", scope_clause(user, agent, "AND"));
-    let counts_sql = format!("{COUNTS_SELECT}{}", scope_clause(user, agent, "WHERE"));
-    let mut oldest_q = diesel::sql_query(oldest_sql).into_boxed::<diesel::pg::Pg>();
+    let oldest: Oldest = diesel::sql_query(OLDEST_SELECT)
+        .bind::<Nullable<diesel::sql_types::Uuid>, _>(user)
+        .bind::<Nullable<Text>, _>(agent)
+        .get_result(conn)
+        .await?;
+    let counts_sql = format!("{COUNTS_SELECT}{}", scope_clause(user, agent));
     let mut counts_q = diesel::sql_query(counts_sql).into_boxed::<diesel::pg::Pg>();
     if let Some(u) = user {
-        oldest_q = oldest_q.bind::<diesel::sql_types::Uuid, _>(u);
         counts_q = counts_q.bind::<diesel::sql_types::Uuid, _>(u);
     }
     if let Some(a) = agent {
-        oldest_q = oldest_q.bind::<Text, _>(a.to_owned());
         counts_q = counts_q.bind::<Text, _>(a.to_owned());
     }
-    let oldest: Oldest = oldest_q.get_result(conn).await?;
     let counts: Counts = counts_q.get_result(conn).await?;
     Ok((counts, oldest.oldest))
 }
