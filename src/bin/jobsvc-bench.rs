@@ -23,10 +23,13 @@ const SECRET: &str = "bench-secret-0123456789-0123456789-abcdef";
 const SCENARIOS: &[&str] = &[
     "create",
     "create-rls",
+    "lifecycle",
     "get",
     "get-rls",
     "list-first",
     "list-deep",
+    "stats",
+    "stats-user",
 ];
 
 #[derive(Parser, Debug)]
