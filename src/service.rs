@@ -321,13 +321,14 @@ impl pb::job_service_server::JobService for JobSvc {
         let call = Call::start("ListJobs", &request);
         let result = async {
             let caller = self.authenticate(&request)?;
-            let msg = request.into_inner();
+            let mut msg = request.into_inner();
             let page_size = convert::page_size(msg.page_size)?;
-            let Some(filter) = list_filter(&caller, msg.clone(), self.state.limits)? else {
+            let page_token = std::mem::take(&mut msg.page_token);
+            let Some(filter) = list_filter(&caller, msg, self.state.limits)? else {
                 return Ok(pb::ListJobsResponse::default());
             };
             let fingerprint = list_fingerprint(&filter);
-            let after = match msg.page_token.as_str() {
+            let after = match page_token.as_str() {
                 "" => None,
                 token => Some(self.state.tokens.open_page_token(token, &fingerprint)?),
             };
