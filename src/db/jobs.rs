@@ -31,7 +31,8 @@ pub struct StatusChange {
 
 // One statement: insert unless the owner already used this request_id; then return either the
 // new row (written) or the existing one. The arbiter is the partial unique index
-// jobs_owner_request_id_key, which treats a NULL owner as one owner.
+// jobs_owner_request_id_key, which treats a NULL owner as one owner. `{owner}` is filled by
+// [`owner_match`], so the lookup of the existing row is an index condition on that index.
 const INSERT_SQL: &str = "
 WITH ins AS (
     INSERT INTO jobs (user_id, agent_identifier, job_data, request_id)
@@ -42,18 +43,28 @@ WITH ins AS (
 SELECT ins.*, true AS written FROM ins
 UNION ALL
 SELECT j.*, false FROM jobs j
-WHERE $4 IS NOT NULL AND j.request_id = $4 AND j.user_id IS NOT DISTINCT FROM $1
+WHERE $4 IS NOT NULL AND j.request_id = $4 AND {owner}
   AND NOT EXISTS (SELECT 1 FROM ins)";
 
 // The existing row for an owner's request_id, read with a fresh snapshot: used when the row
 // that won the conflict committed after the insert statement's snapshot was taken.
 const BY_REQUEST_ID_SQL: &str = "
 SELECT j.*, false AS written FROM jobs j
-WHERE j.request_id = $2 AND j.user_id IS NOT DISTINCT FROM $1";
+WHERE j.request_id = $2 AND {owner}";
+
+/// The owner condition of the request_id lookups, as jobs_owner_request_id_key can serve it
+/// (`IS NOT DISTINCT FROM` would walk the whole index).
+fn owner_match(owner: Option<Uuid>) -> &'static str {
+    match owner {
+        Some(_) => "j.user_id = $1",
+        None => "j.user_id IS NULL AND $1::uuid IS NULL",
+    }
+}
 
 /// Inserts a job, or returns the job this owner's `request_id` already created.
 pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
-    let rows: Vec<WrittenRow> = diesel::sql_query(INSERT_SQL)
+    let owner = owner_match(job.owner);
+    let rows: Vec<WrittenRow> = diesel::sql_query(INSERT_SQL.replace("{owner}", owner))
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
         .bind::<Text, _>(&job.agent_identifier)
         .bind::<Jsonb, _>(&job.job_data)
@@ -64,7 +75,7 @@ pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<Writte
         return Ok(row);
     }
     // Only reachable with a request_id whose first job committed during our statement.
-    let row: WrittenRow = diesel::sql_query(BY_REQUEST_ID_SQL)
+    let row: WrittenRow = diesel::sql_query(BY_REQUEST_ID_SQL.replace("{owner}", owner))
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())
         .get_result(conn)
