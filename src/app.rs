@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::auth::{self, Authenticator};
 use crate::config::{LogFormat, SecretArgs, ServeArgs, TokenArgs, TokenRole};
@@ -133,6 +133,19 @@ pub async fn run_server(
 ) -> Result<(), AppError> {
     let pool = db::pool(database_url, args.pool_size)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let tokens = crate::tokens::TokenKey::derive(secret);
+    let feed = crate::feed::Feed::start(
+        pool.clone(),
+        database_url.to_owned(),
+        tokens.clone(),
+        crate::feed::FeedConfig {
+            poll_interval: args.feed_poll_interval,
+            retention: args.event_retention,
+            ring_batches: args.feed_ring_batches,
+        },
+        shutdown_rx.clone(),
+    )
+    .await?;
     let state = Arc::new(AppState {
         pool,
         auth: Authenticator::new(secret, args.jwt_leeway),
@@ -140,8 +153,9 @@ pub async fn run_server(
             max_bytes: args.max_job_data_bytes,
             max_depth: args.max_job_data_depth,
         },
-        tokens: crate::tokens::TokenKey::derive(secret),
-        changes: broadcast::channel(4096).0,
+        tokens,
+        feed,
+        stream_heartbeat: args.stream_heartbeat,
         shutdown: shutdown_rx,
     });
     tracing::info!(addr = %listener.local_addr()?, "jobsvc listening");

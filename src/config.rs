@@ -88,6 +88,29 @@ pub struct ServeArgs {
     /// How long a keepalive ping may go unanswered before the connection is closed.
     #[arg(long, env = "JOBSVC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
+
+    /// An idle StreamJobUpdates stream gets a heartbeat (with a fresh resume token) this often.
+    #[arg(long, env = "JOBSVC_STREAM_HEARTBEAT", default_value = "15s", value_parser = parse_positive)]
+    pub stream_heartbeat: Duration,
+
+    /// How long the change history (job events, resume points) is kept; at least 24h.
+    #[arg(long, env = "JOBSVC_EVENT_RETENTION", default_value = "7d", value_parser = parse_retention)]
+    pub event_retention: Duration,
+
+    /// How often the change feed polls the history for changes no notification announced
+    /// (plain SQL writes, lost notifications).
+    #[arg(long, env = "JOBSVC_FEED_POLL_INTERVAL", default_value = "200ms", value_parser = parse_positive)]
+    pub feed_poll_interval: Duration,
+
+    /// Batches the in-process fan-out ring holds before a slow stream has to catch up from
+    /// the history (tests make it small to exercise that path).
+    #[arg(
+        long,
+        env = "JOBSVC_FEED_RING_BATCHES",
+        default_value_t = 1024,
+        hide = true
+    )]
+    pub feed_ring_batches: usize,
 }
 
 impl ServeArgs {
@@ -142,6 +165,22 @@ fn parse_leeway(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
     if d > Duration::from_secs(60) {
         return Err("the leeway is at most 60s".into());
+    }
+    Ok(d)
+}
+
+fn parse_positive(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(24 * 3600) {
+        return Err("the history is kept at least 24h (resume tokens are valid that long)".into());
     }
     Ok(d)
 }

@@ -57,8 +57,15 @@ pub enum Error {
         reason: &'static str,
         message: String,
     },
-    #[error("{0} is not implemented yet")]
-    Unimplemented(&'static str),
+    /// A position that no longer exists (a resume token older than the kept history).
+    #[error("{message}")]
+    OutOfRange {
+        reason: &'static str,
+        message: String,
+    },
+    /// The server is stopping; the client reconnects (to another replica).
+    #[error("the server is shutting down; reconnect (with the last resume_token for a stream)")]
+    ShuttingDown,
     /// The database cannot be reached; retry with backoff.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] BoxError),
@@ -97,12 +104,13 @@ impl Error {
             Error::InvalidArgument { reason, .. }
             | Error::Unauthenticated { reason, .. }
             | Error::PermissionDenied { reason, .. }
-            | Error::ResourceExhausted { reason, .. } => reason,
+            | Error::ResourceExhausted { reason, .. }
+            | Error::OutOfRange { reason, .. } => reason,
             Error::JobNotFound(_) => "JOB_NOT_FOUND",
             Error::InvalidTransition { .. } => "INVALID_TRANSITION",
             Error::VersionMismatch { .. } => "VERSION_MISMATCH",
             Error::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
-            Error::Unimplemented(_) => "NOT_IMPLEMENTED",
+            Error::ShuttingDown => "SHUTTING_DOWN",
             Error::Conflict => "CONCURRENT_UPDATE",
             Error::Unavailable(_) => "DATABASE_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
@@ -119,7 +127,8 @@ impl Error {
             Error::VersionMismatch { .. } => Code::Aborted,
             Error::IdempotencyKeyReused { .. } => Code::AlreadyExists,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
-            Error::Unimplemented(_) => Code::Unimplemented,
+            Error::OutOfRange { .. } => Code::OutOfRange,
+            Error::ShuttingDown => Code::Unavailable,
             Error::Conflict => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Internal(_) => Code::Internal,

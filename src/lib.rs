@@ -7,13 +7,17 @@
 //! - [`convert`]: the only place proto and domain types meet; request validation.
 //! - [`domain`]: job states and the transition table.
 //! - [`db`]: pool, migrations, all SQL, and row-level-security scoping per caller.
-//! - [`tokens`]: opaque signed page (and resume) tokens.
+//! - [`feed`]: the change feed of one process (history reader, NOTIFY listener, fan-out).
+//! - [`stream`]: one StreamJobUpdates stream: snapshot, catch-up, live, heartbeats.
+//! - [`tokens`]: opaque signed page and resume tokens.
 //! - [`error`]: one error type and its one mapping to gRPC status with ErrorInfo.
 //! - [`embedded_pg`]: the private PostgreSQL used when no DATABASE_URL is given.
 //! - [`app`] and [`config`]: wiring for the `jobsvc` binary.
 //!
 //! Data path of a write: service -> convert (validate) -> db (one statement, under the
-//! caller's RLS context for users) -> commit -> wake waiters -> convert back to proto.
+//! caller's RLS context for users; a trigger appends the change to the history) -> commit ->
+//! wake the feed -> convert back to proto. The feed reads the history and fans the change out
+//! to streams and waiters on every replica.
 pub mod app;
 pub mod auth;
 pub mod config;
@@ -22,7 +26,9 @@ pub mod db;
 pub mod domain;
 pub mod embedded_pg;
 pub mod error;
+pub mod feed;
 pub mod pb;
 pub mod server;
 pub mod service;
+pub mod stream;
 pub mod tokens;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 use tokio::sync::{broadcast, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -17,12 +18,14 @@ use crate::db::models::JobRow;
 use crate::db::{self, PgPool};
 use crate::domain::{JobStatus, Transition, transition};
 use crate::error::{Error, Result};
+use crate::feed::{Batch, Feed};
 use crate::pb;
+use crate::stream::{self, Start, StreamFilter};
 use crate::tokens::{self, Fingerprint, PageCursor, TokenKey};
 
-/// How long WaitJob sleeps between re-reads when no in-process change wakes it: changes made
-/// by other replicas or plain SQL are seen within this interval.
-const WAIT_REREAD_INTERVAL: Duration = Duration::from_secs(1);
+/// WaitJob re-reads the job when the change feed shows a change to it; this re-read is only a
+/// safety net for a feed that cannot read the history.
+const WAIT_REREAD_INTERVAL: Duration = Duration::from_secs(5);
 const WAIT_DEFAULT: Duration = Duration::from_secs(30);
 const WAIT_MAX: Duration = Duration::from_secs(300);
 /// A compare-and-set that loses a race is re-diagnosed with a fresh read at most this often.
@@ -33,10 +36,12 @@ pub struct AppState {
     pub pool: PgPool,
     pub auth: Authenticator,
     pub limits: JsonLimits,
-    /// Signs page tokens (and later resume tokens).
+    /// Signs page and resume tokens.
     pub tokens: TokenKey,
-    /// Ids of jobs changed through this process; wakes waiters at once.
-    pub changes: broadcast::Sender<Uuid>,
+    /// The change feed: every committed change, from every replica and plain SQL.
+    pub feed: Arc<Feed>,
+    /// Heartbeat interval of idle streams.
+    pub stream_heartbeat: Duration,
     /// Flips to true when the server starts shutting down: long calls return early.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -57,9 +62,9 @@ impl JobSvc {
         Ok(caller)
     }
 
-    fn notify(&self, id: Uuid) {
-        // No receivers is fine: nobody is waiting.
-        let _ = self.state.changes.send(id);
+    /// A write committed: the feed reads it now and wakes the other replicas.
+    fn notify(&self) {
+        self.state.feed.committed();
     }
 
     /// Moves a job through the compare-and-set, then tells retry, forbidden move and version
@@ -71,7 +76,7 @@ impl JobSvc {
             let row = db::jobs::compare_and_set_status(db.conn(), scope, &change).await;
             let row = db.finish(row).await?.ok_or(Error::JobNotFound(change.id))?;
             if row.written {
-                self.notify(change.id);
+                self.notify();
                 return Ok(row.job);
             }
             match transition(row.job.status, change.target) {
@@ -198,7 +203,7 @@ impl pb::job_service_server::JobService for JobSvc {
             let row = db::jobs::insert(db.conn(), &new).await;
             let row = db.finish(row).await?;
             if row.written {
-                self.notify(row.job.id);
+                self.notify();
             } else if row.job.agent_identifier != new.agent_identifier
                 || row.job.job_data.as_ref() != Some(&new.job_data)
             {
@@ -293,7 +298,7 @@ impl pb::job_service_server::JobService for JobSvc {
             };
             let deadline = tokio::time::Instant::now() + timeout;
             // Subscribe before the first read, so a change between the two is not missed.
-            let mut changes = self.state.changes.subscribe();
+            let (mut changes, _) = self.state.feed.subscribe();
             let mut shutdown = self.state.shutdown.clone();
             loop {
                 let job = self.get(&caller, id).await?;
@@ -361,9 +366,54 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::ListJobEventsRequest>,
     ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
         let call = Call::start("ListJobEvents", &request);
-        let result = self
-            .authenticate(&request)
-            .and(Err(Error::Unimplemented("ListJobEvents")));
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            let msg = request.into_inner();
+            let job_id = convert::parse_uuid("job_id", &msg.job_id)?;
+            let page_size = convert::page_size(msg.page_size)?;
+            let after = match msg.page_token.as_str() {
+                "" => 0,
+                token => self.state.tokens.open_events_page_token(token, job_id)?,
+            };
+            let scope = caller.user();
+            let mut db = db::scoped(&self.state.pool, &caller).await?;
+            let rows = async {
+                let rows =
+                    db::events::history(db.conn(), scope, job_id, after, page_size + 1).await?;
+                // No history at all: tell a job that does not exist (for this caller) apart.
+                if rows.is_empty()
+                    && after == 0
+                    && db::jobs::get(db.conn(), scope, job_id).await?.is_none()
+                {
+                    return Err(Error::JobNotFound(job_id));
+                }
+                Ok(rows)
+            }
+            .await;
+            let mut rows = db.finish(rows).await?;
+            let next_page_token = if rows.len() as i64 > page_size {
+                rows.truncate(page_size as usize);
+                let last = rows.last().expect("page_size is at least 1");
+                self.state.tokens.events_page_token(job_id, last.version)
+            } else {
+                String::new()
+            };
+            Ok(pb::ListJobEventsResponse {
+                events: rows
+                    .into_iter()
+                    .map(|r| pb::JobEvent {
+                        version: r.version,
+                        status: convert::status_to_pb(r.status) as i32,
+                        occurred_at: Some(convert::timestamp(r.occurred_at)),
+                        error_message: r.error_message.unwrap_or_default(),
+                        job_id: job_id.to_string(),
+                    })
+                    .collect(),
+                next_page_token,
+            })
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -374,9 +424,37 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::StreamJobUpdatesRequest>,
     ) -> Result<Response<Self::StreamJobUpdatesStream>, Status> {
         let call = Call::start("StreamJobUpdates", &request);
-        let result = self
-            .authenticate(&request)
-            .and(Err(Error::Unimplemented("StreamJobUpdates")));
+        let request_id = call.request_id.clone();
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            let msg = request.into_inner();
+            let filter = stream_filter(&caller, &msg)?;
+            // A resume token wins over include_existing: a client may send the same request
+            // again with the token it got, and then wants the changes, not a new snapshot.
+            let start = match msg.resume_token.as_str() {
+                "" if msg.include_existing => Start::Existing,
+                "" => Start::Now,
+                token => {
+                    let at = self.state.tokens.open_resume_token(token)?;
+                    stream::check_resumable(&self.state.pool, at).await?;
+                    Start::Resume(at)
+                }
+            };
+            let rx = stream::Stream {
+                pool: self.state.pool.clone(),
+                feed: self.state.feed.clone(),
+                caller,
+                filter,
+                start,
+                heartbeat: self.state.stream_heartbeat,
+                shutdown: self.state.shutdown.clone(),
+                request_id,
+            }
+            .spawn();
+            Ok(Box::pin(ReceiverStream::new(rx)) as UpdateStream)
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -482,12 +560,48 @@ fn list_fingerprint(f: &ListFilter) -> Fingerprint {
     tokens::fingerprint(canonical.to_string().as_bytes())
 }
 
-/// Resolves when job `id` changed through this process, or when changes were dropped
-/// (lagging), so the caller re-reads. Never resolves once the sender is gone.
-async fn wait_for_change(rx: &mut broadcast::Receiver<Uuid>, id: Uuid) {
+/// The validated filter of a StreamJobUpdates request; a user's scope is always the user.
+fn stream_filter(caller: &Caller, msg: &pb::StreamJobUpdatesRequest) -> Result<StreamFilter> {
+    if msg.job_ids.len() > stream::MAX_JOB_IDS {
+        return Err(Error::invalid(
+            "job_ids",
+            "TOO_MANY_JOB_IDS",
+            format!(
+                "job_ids holds {} ids; at most {} (leave it empty to follow every job)",
+                msg.job_ids.len(),
+                stream::MAX_JOB_IDS
+            ),
+        ));
+    }
+    let mut statuses = msg
+        .statuses
+        .iter()
+        .map(|s| convert::parse_status("statuses", *s))
+        .collect::<Result<Vec<_>>>()?;
+    statuses.sort();
+    statuses.dedup();
+    Ok(StreamFilter {
+        job_ids: msg
+            .job_ids
+            .iter()
+            .map(|id| convert::parse_uuid("job_ids", id))
+            .collect::<Result<_>>()?,
+        statuses,
+        agent_identifier: match msg.agent_identifier.as_str() {
+            "" => None,
+            a => Some(convert::validate_agent_identifier("agent_identifier", a)?),
+        },
+        user: caller.resolve_user(convert::parse_optional_uuid("user_id", &msg.user_id)?)?,
+    })
+}
+
+/// Resolves when the feed carries a change to job `id` (from any replica or plain SQL), or
+/// when changes were dropped (lagging), so the caller re-reads. Never resolves once the feed
+/// is gone.
+async fn wait_for_change(rx: &mut broadcast::Receiver<Arc<Batch>>, id: Uuid) {
     loop {
         match rx.recv().await {
-            Ok(changed) if changed == id => return,
+            Ok(batch) if batch.events.iter().any(|e| e.id == id) => return,
             Ok(_) => continue,
             Err(broadcast::error::RecvError::Lagged(_)) => return,
             Err(broadcast::error::RecvError::Closed) => std::future::pending().await,

@@ -1,4 +1,5 @@
-//! Opaque, signed tokens handed to clients (page tokens; resume tokens later).
+//! Opaque, signed tokens handed to clients: ListJobs page tokens, ListJobEvents page tokens
+//! and StreamJobUpdates resume tokens.
 //!
 //! A token is `base64url(payload || tag)`, where the tag is HMAC-SHA256 over the payload with
 //! a key derived from the JWT secret (so every replica sharing the secret accepts the others'
@@ -11,12 +12,15 @@ use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::db::events::Position;
 use crate::error::{Error, Result};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
 const TAG_LEN: usize = 16;
 const KIND_PAGE: u8 = 1;
+const KIND_RESUME: u8 = 2;
+const KIND_EVENTS_PAGE: u8 = 3;
 /// Longest token accepted before decoding anything (a page token is 76 characters).
 const MAX_TOKEN_CHARS: usize = 512;
 
@@ -114,6 +118,66 @@ impl TokenKey {
         let id = Uuid::from_slice(&payload[25..41]).map_err(|_| invalid())?;
         Ok(PageCursor { created_at, id })
     }
+
+    /// A stream position as a resume token.
+    pub fn resume_token(&self, at: Position) -> String {
+        let mut payload = Vec::with_capacity(17);
+        payload.push(KIND_RESUME);
+        payload.extend_from_slice(&at.xid.to_be_bytes());
+        payload.extend_from_slice(&at.seq.to_be_bytes());
+        self.seal(&payload)
+    }
+
+    /// The position of a resume token (not yet checked against the pruned history).
+    pub fn open_resume_token(&self, token: &str) -> Result<Position> {
+        let invalid = || {
+            Error::invalid(
+                "resume_token",
+                "INVALID_RESUME_TOKEN",
+                "resume_token is not a token this service issued; start again without one",
+            )
+        };
+        let payload = self.open(token).ok_or_else(invalid)?;
+        if payload.len() != 17 || payload[0] != KIND_RESUME {
+            return Err(invalid());
+        }
+        let xid = i64::from_be_bytes(payload[1..9].try_into().expect("8 bytes"));
+        let seq = i64::from_be_bytes(payload[9..17].try_into().expect("8 bytes"));
+        if xid < 0 || seq < 0 {
+            return Err(invalid());
+        }
+        Ok(Position { xid, seq })
+    }
+
+    /// A ListJobEvents page token: the job it belongs to and the last version returned.
+    pub fn events_page_token(&self, job_id: Uuid, version: i64) -> String {
+        let mut payload = Vec::with_capacity(25);
+        payload.push(KIND_EVENTS_PAGE);
+        payload.extend_from_slice(job_id.as_bytes());
+        payload.extend_from_slice(&version.to_be_bytes());
+        self.seal(&payload)
+    }
+
+    /// The last version of a ListJobEvents page token, checked against the job it is used for.
+    pub fn open_events_page_token(&self, token: &str, job_id: Uuid) -> Result<i64> {
+        let invalid = || {
+            Error::invalid(
+                "page_token",
+                "INVALID_PAGE_TOKEN",
+                "page_token is not a token this service issued for this job; start again with an empty page_token",
+            )
+        };
+        let payload = self.open(token).ok_or_else(invalid)?;
+        if payload.len() != 25
+            || payload[0] != KIND_EVENTS_PAGE
+            || payload[1..17] != job_id.as_bytes()[..]
+        {
+            return Err(invalid());
+        }
+        Ok(i64::from_be_bytes(
+            payload[17..25].try_into().expect("8 bytes"),
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +218,35 @@ mod tests {
             assert_eq!(
                 key.open_page_token(junk, &f).unwrap_err().reason(),
                 "INVALID_PAGE_TOKEN"
+            );
+        }
+    }
+
+    #[test]
+    fn resume_and_event_page_tokens_round_trip_and_stay_apart() {
+        let key = TokenKey::derive(b"secret-secret-secret-secret-secret");
+        let at = Position {
+            xid: 123_456,
+            seq: 789,
+        };
+        let token = key.resume_token(at);
+        assert_eq!(key.open_resume_token(&token).unwrap(), at);
+        let job = Uuid::new_v4();
+        let page = key.events_page_token(job, 7);
+        assert_eq!(key.open_events_page_token(&page, job).unwrap(), 7);
+        // Kinds never cross, and a page token is bound to its job.
+        assert_eq!(
+            key.open_resume_token(&page).unwrap_err().reason(),
+            "INVALID_RESUME_TOKEN"
+        );
+        assert!(key.open_events_page_token(&token, job).is_err());
+        assert!(key.open_events_page_token(&page, Uuid::new_v4()).is_err());
+        let f = fingerprint(b"filter");
+        assert!(key.open_page_token(&token, &f).is_err());
+        for junk in ["", "x", &"A".repeat(600)] {
+            assert_eq!(
+                key.open_resume_token(junk).unwrap_err().reason(),
+                "INVALID_RESUME_TOKEN"
             );
         }
     }

@@ -2,6 +2,7 @@
 //!
 //! All SQL lives below this module; every query function takes a connection so the caller of
 //! the function owns the transaction.
+pub mod events;
 pub mod jobs;
 pub mod models;
 pub mod schema;
@@ -101,6 +102,23 @@ pub async fn scoped(pool: &PgPool, caller: &Caller) -> Result<Scoped> {
 /// walk the wrong index. The setting travels with `BEGIN`, in the same round trip.
 pub async fn scoped_with_custom_plans(pool: &PgPool, caller: &Caller) -> Result<Scoped> {
     begin_scoped(pool, caller, true).await
+}
+
+/// Like [`scoped`], but always in a REPEATABLE READ, READ ONLY transaction: every statement
+/// reads the same snapshot (for a stream's snapshot of the existing jobs, paged through in
+/// several statements and matched against the feed by that snapshot).
+pub async fn scoped_snapshot(pool: &PgPool, caller: &Caller) -> Result<Scoped> {
+    const BEGIN: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+    let mut conn = pool.get().await?;
+    let sql = match caller.role() {
+        Role::Service => BEGIN.to_owned(),
+        Role::User(user) => rls_begin_sql(user).replacen("BEGIN", BEGIN, 1),
+    };
+    AnsiTransactionManager::begin_transaction_sql(&mut *conn, &sql).await?;
+    Ok(Scoped {
+        conn,
+        in_transaction: true,
+    })
 }
 
 async fn begin_scoped(pool: &PgPool, caller: &Caller, custom_plans: bool) -> Result<Scoped> {

@@ -6,3 +6,5 @@ mod harness;
 mod lifecycle;
 mod list;
 mod stats;
+mod stream;
+mod stream_faults;

@@ -1,0 +1,396 @@
+//! Statements on the change history `job_events` (migration 2026-11-25-000005): the feed's
+//! reads in (feed_xid, seq) order below the horizon, the snapshot of existing jobs a stream
+//! starts from, ListJobEvents, and pruning.
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Interval, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use uuid::Uuid;
+
+use super::models::JobRow;
+use crate::domain::JobStatus;
+use crate::error::{Error, Result};
+
+/// A point in the feed order: every event at or below it has been handled.
+/// `(xid, 0)` means "everything below transaction `xid`" (sequence numbers start at 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Position {
+    pub xid: i64,
+    pub seq: i64,
+}
+
+impl Position {
+    /// Beyond every event (reads after it return only the horizon).
+    pub const MAX: Position = Position {
+        xid: i64::MAX,
+        seq: i64::MAX,
+    };
+
+    /// Everything below `horizon` (an xid no running transaction is below).
+    pub fn below(horizon: i64) -> Self {
+        Position {
+            xid: horizon,
+            seq: 0,
+        }
+    }
+}
+
+/// One event: a job as it was just after one committed change.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub feed_xid: i64,
+    pub seq: i64,
+    /// The id of the transaction that made the change.
+    pub writer_xid: i64,
+    pub job: JobRow,
+}
+
+impl EventRow {
+    pub fn position(&self) -> Position {
+        Position {
+            xid: self.feed_xid,
+            seq: self.seq,
+        }
+    }
+}
+
+/// What one read of the feed returned.
+#[derive(Debug)]
+pub struct Read {
+    /// Events after the cursor, in feed order.
+    pub events: Vec<EventRow>,
+    /// The horizon of the read: when fewer than `limit` events came back, everything below
+    /// it has been read.
+    pub horizon: i64,
+    /// Committed events wait at or above the horizon for an older transaction to end.
+    pub pending: bool,
+}
+
+/// One row of [`READ_SQL`]: the horizon, and an event unless there was none (the LEFT JOIN's
+/// one row of NULLs), hence every event column nullable.
+#[derive(diesel::QueryableByName)]
+struct ReadRow {
+    #[diesel(sql_type = BigInt)]
+    horizon: i64,
+    #[diesel(sql_type = Bool)]
+    pending: bool,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    feed_xid: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    seq: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    writer_xid: Option<i64>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
+    id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Uuid>)]
+    user_id: Option<Uuid>,
+    #[diesel(sql_type = Nullable<Text>)]
+    agent_identifier: Option<String>,
+    #[diesel(sql_type = Nullable<crate::db::schema::sql_types::JobStatus>)]
+    status: Option<JobStatus>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Jsonb>)]
+    job_data: Option<serde_json::Value>,
+    #[diesel(sql_type = Nullable<diesel::sql_types::Jsonb>)]
+    result: Option<serde_json::Value>,
+    #[diesel(sql_type = Nullable<Text>)]
+    error_message: Option<String>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    updated_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    started_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    completed_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    version: Option<i64>,
+}
+
+impl ReadRow {
+    fn into_event(self) -> Option<EventRow> {
+        Some(EventRow {
+            feed_xid: self.feed_xid?,
+            seq: self.seq?,
+            writer_xid: self.writer_xid.unwrap_or(self.feed_xid?),
+            job: JobRow {
+                id: self.id?,
+                user_id: self.user_id,
+                agent_identifier: self.agent_identifier?,
+                status: self.status?,
+                job_data: self.job_data,
+                result: self.result,
+                error_message: self.error_message,
+                created_at: self.created_at?,
+                updated_at: self.updated_at?,
+                started_at: self.started_at,
+                completed_at: self.completed_at,
+                version: self.version?,
+                request_id: None,
+            },
+        })
+    }
+}
+
+// One statement, so the horizon and the events come from one snapshot: the horizon
+// pg_snapshot_xmin(pg_current_snapshot()) is the statement's own (pg_current_snapshot() is the
+// active snapshot). Every transaction below it has ended, and those that committed are
+// visible to this statement, so no event can later appear at a position this read passed.
+// The LEFT JOIN returns the horizon even when there is no event. `{user}` is empty or
+// "AND e.user_id = $4".
+const READ_SQL: &str = "
+SELECT h.horizon::text::int8 AS horizon,
+       EXISTS (SELECT 1 FROM job_events x WHERE x.feed_xid >= h.horizon) AS pending,
+       e.*
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
+LEFT JOIN LATERAL (
+    SELECT e.feed_xid::text::int8 AS feed_xid, e.seq, e.writer_xid::text::int8 AS writer_xid,
+           e.job_id AS id, e.user_id,
+           e.agent_identifier, e.status, e.job_data, e.result, e.error_message, e.created_at,
+           e.updated_at, e.started_at, e.completed_at, e.version
+    FROM job_events e
+    WHERE (e.feed_xid, e.seq) > ($1::text::xid8, $2) AND e.feed_xid < h.horizon {user}
+    ORDER BY e.feed_xid, e.seq
+    LIMIT $3
+) e ON true";
+
+/// Events after `after` and below the horizon, in feed order, at most `limit`; only `user`'s
+/// when set (an optimization: callers apply visibility themselves too).
+pub async fn read(
+    conn: &mut AsyncPgConnection,
+    after: Position,
+    limit: i64,
+    user: Option<Uuid>,
+) -> Result<Read> {
+    let sql = READ_SQL.replace(
+        "{user}",
+        if user.is_some() {
+            "AND e.user_id = $4"
+        } else {
+            ""
+        },
+    );
+    let mut query = diesel::sql_query(sql)
+        .into_boxed::<diesel::pg::Pg>()
+        .bind::<Text, _>(after.xid.to_string())
+        .bind::<BigInt, _>(after.seq)
+        .bind::<BigInt, _>(limit);
+    if let Some(user) = user {
+        query = query.bind::<diesel::sql_types::Uuid, _>(user);
+    }
+    let rows: Vec<ReadRow> = query.load(conn).await?;
+    let (horizon, pending) = rows
+        .as_slice()
+        .first()
+        .map(|r| (r.horizon, r.pending))
+        .ok_or_else(|| Error::Internal("feed read returned no row".into()))?;
+    Ok(Read {
+        events: rows.into_iter().filter_map(ReadRow::into_event).collect(),
+        horizon,
+        pending,
+    })
+}
+
+/// The transaction's snapshot (`pg_current_snapshot()`), for skipping events that the
+/// snapshot of existing jobs already reflects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub xmin: i64,
+    pub xmax: i64,
+    pub in_progress: Vec<i64>,
+}
+
+impl Snapshot {
+    /// Parses the text form `xmin:xmax:xip,xip,...`.
+    pub fn parse(text: &str) -> Option<Snapshot> {
+        let mut parts = text.splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let in_progress = match parts.next()? {
+            "" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<i64>>>()?,
+        };
+        Some(Snapshot {
+            xmin,
+            xmax,
+            in_progress,
+        })
+    }
+
+    /// Whether the changes of transaction `xid` are visible in this snapshot (it committed
+    /// before the snapshot was taken), as `pg_visible_in_snapshot` answers for a committed
+    /// transaction.
+    pub fn sees(&self, xid: i64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))
+    }
+}
+
+#[derive(diesel::QueryableByName)]
+struct SnapshotText {
+    #[diesel(sql_type = Text)]
+    snapshot: String,
+}
+
+/// The current transaction's snapshot; in a REPEATABLE READ transaction, the one every
+/// statement of it reads.
+pub async fn snapshot(conn: &mut AsyncPgConnection) -> Result<Snapshot> {
+    let row: SnapshotText = diesel::sql_query("SELECT pg_current_snapshot()::text AS snapshot")
+        .get_result(conn)
+        .await?;
+    Snapshot::parse(&row.snapshot)
+        .ok_or_else(|| Error::Internal(format!("unparsable snapshot {:?}", row.snapshot).into()))
+}
+
+/// The filter of a stream, as far as SQL applies it to the existing jobs.
+#[derive(Debug, Clone, Default)]
+pub struct JobsFilter {
+    pub job_ids: Vec<Uuid>,
+    pub statuses: Vec<JobStatus>,
+    pub agent_identifier: Option<String>,
+    pub user: Option<Uuid>,
+}
+
+/// A page of the jobs matching `filter`, in id order, after `after`.
+pub async fn existing_jobs(
+    conn: &mut AsyncPgConnection,
+    filter: &JobsFilter,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<JobRow>> {
+    let mut sql = String::from("SELECT * FROM jobs WHERE TRUE");
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        n
+    };
+    if !filter.job_ids.is_empty() {
+        sql += &format!(" AND id = ANY(${}::uuid[])", next());
+    }
+    if !filter.statuses.is_empty() {
+        sql += &format!(" AND status = ANY(${}::job_status[])", next());
+    }
+    if filter.agent_identifier.is_some() {
+        sql += &format!(" AND agent_identifier = ${}", next());
+    }
+    if filter.user.is_some() {
+        sql += &format!(" AND user_id = ${}", next());
+    }
+    if after.is_some() {
+        sql += &format!(" AND id > ${}", next());
+    }
+    sql += &format!(" ORDER BY id LIMIT ${}", next());
+    let mut query = diesel::sql_query(sql).into_boxed::<diesel::pg::Pg>();
+    if !filter.job_ids.is_empty() {
+        query = query.bind::<Array<diesel::sql_types::Uuid>, _>(filter.job_ids.clone());
+    }
+    if !filter.statuses.is_empty() {
+        let labels: Vec<&'static str> = filter.statuses.iter().map(|s| s.as_str()).collect();
+        query = query.bind::<Array<Text>, _>(labels);
+    }
+    if let Some(agent) = &filter.agent_identifier {
+        query = query.bind::<Text, _>(agent.clone());
+    }
+    if let Some(user) = filter.user {
+        query = query.bind::<diesel::sql_types::Uuid, _>(user);
+    }
+    if let Some(id) = after {
+        query = query.bind::<diesel::sql_types::Uuid, _>(id);
+    }
+    Ok(query.bind::<BigInt, _>(limit).load(conn).await?)
+}
+
+#[derive(diesel::QueryableByName)]
+struct PrunedRow {
+    #[diesel(sql_type = BigInt)]
+    feed_xid: i64,
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+}
+
+/// The pruning watermark: a resume point below it cannot be served.
+pub async fn pruned_through(conn: &mut AsyncPgConnection) -> Result<Position> {
+    let row: PrunedRow =
+        diesel::sql_query("SELECT feed_xid::text::int8 AS feed_xid, seq FROM job_events_pruned")
+            .get_result(conn)
+            .await?;
+    Ok(Position {
+        xid: row.feed_xid,
+        seq: row.seq,
+    })
+}
+
+#[derive(diesel::QueryableByName)]
+struct Pruned {
+    #[diesel(sql_type = BigInt)]
+    pruned: i64,
+}
+
+/// Deletes at most `max_rows` events older than `retention`; returns how many.
+pub async fn prune(
+    conn: &mut AsyncPgConnection,
+    retention: std::time::Duration,
+    max_rows: i32,
+) -> Result<i64> {
+    let us = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
+    let row: Pruned = diesel::sql_query("SELECT job_events_prune($1, $2) AS pruned")
+        .bind::<Interval, _>(diesel::pg::data_types::PgInterval::from_microseconds(us))
+        .bind::<Integer, _>(max_rows)
+        .get_result(conn)
+        .await?;
+    Ok(row.pruned)
+}
+
+/// One entry of a job's history, for ListJobEvents.
+#[derive(Debug, Clone, diesel::QueryableByName)]
+pub struct HistoryRow {
+    #[diesel(sql_type = BigInt)]
+    pub version: i64,
+    #[diesel(sql_type = crate::db::schema::sql_types::JobStatus)]
+    pub status: JobStatus,
+    #[diesel(sql_type = Timestamptz)]
+    pub occurred_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub error_message: Option<String>,
+}
+
+/// A page of one job's history, oldest first, after version `after`. `scope` adds
+/// `user_id = scope` (isolation in the application as well as in row-level security).
+pub async fn history(
+    conn: &mut AsyncPgConnection,
+    scope: Option<Uuid>,
+    job_id: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<HistoryRow>> {
+    Ok(diesel::sql_query(
+        "SELECT version, status, occurred_at, error_message FROM job_events \
+         WHERE job_id = $1 AND version > $2 AND ($3::uuid IS NULL OR user_id = $3) \
+         ORDER BY version LIMIT $4",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(job_id)
+    .bind::<BigInt, _>(after)
+    .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
+    .bind::<BigInt, _>(limit)
+    .load(conn)
+    .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_parse_and_answer_visibility() {
+        let s = Snapshot::parse("100:105:101,103").unwrap();
+        assert_eq!(s.in_progress, vec![101, 103]);
+        assert!(s.sees(99));
+        assert!(s.sees(100) && s.sees(102) && s.sees(104));
+        assert!(!s.sees(101) && !s.sees(103));
+        assert!(!s.sees(105) && !s.sees(200));
+        let empty = Snapshot::parse("7:7:").unwrap();
+        assert!(empty.sees(6) && !empty.sees(7));
+        assert!(Snapshot::parse("x:1:").is_none());
+        assert!(Snapshot::parse("1:2").is_none());
+    }
+}
