@@ -1,6 +1,7 @@
 //! The one integration test binary: real PostgreSQL, real gRPC over real sockets.
 mod auth;
 mod bad_input;
+mod clients;
 mod foundation;
 mod harness;
 mod lifecycle;

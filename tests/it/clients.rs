@@ -1,0 +1,48 @@
+//! The product from outside Rust: the Python and Node.js example programs and the README's
+//! grpcurl walk-through, run against a live server. Each exits non-zero on any wrong answer.
+//! Their packages come from `scripts/setup-clients` (`.ci/run` calls it).
+use std::path::Path;
+use std::time::Duration;
+
+use crate::harness::{TestServer, service_token};
+
+async fn run(program: &str, args: &[&str]) {
+    let server = TestServer::start().await;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(root)
+        .env("JOBSVC_ADDR", server.addr.to_string())
+        .env("JOBSVC_TOKEN", service_token())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), child)
+        .await
+        .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within 120 s"))
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e} (run scripts/setup-clients, see README)")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}\n(missing packages? run scripts/setup-clients)",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_python_example_runs_green() {
+    run("python3", &["clients/python/example.py"]).await;
+}
+
+#[tokio::test]
+async fn the_node_example_runs_green() {
+    run("node", &["clients/node/example.js"]).await;
+}
+
+#[tokio::test]
+async fn the_readme_grpcurl_walkthrough_runs_green() {
+    run("scripts/walkthrough", &[]).await;
+}
