@@ -141,7 +141,7 @@ pub async fn run_server(
         crate::feed::FeedConfig {
             poll_interval: args.feed_poll_interval,
             retention: args.event_retention,
-            ring_batches: args.feed_ring_batches,
+            queue_events: args.stream_queue_events,
         },
         shutdown_rx.clone(),
     )

@@ -102,15 +102,15 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBSVC_FEED_POLL_INTERVAL", default_value = "200ms", value_parser = parse_positive)]
     pub feed_poll_interval: Duration,
 
-    /// Batches the in-process fan-out ring holds before a slow stream has to catch up from
-    /// the history (tests make it small to exercise that path).
+    /// Events queued for one stream before it has to catch up from the history instead
+    /// (tests make it small to exercise that path).
     #[arg(
         long,
-        env = "JOBSVC_FEED_RING_BATCHES",
-        default_value_t = 1024,
+        env = "JOBSVC_STREAM_QUEUE_EVENTS",
+        default_value_t = 4096,
         hide = true
     )]
-    pub feed_ring_batches: usize,
+    pub stream_queue_events: usize,
 }
 
 impl ServeArgs {

@@ -1,7 +1,10 @@
-//! The change feed inside one process: one reader of the history (`job_events`) publishes
-//! batches of events to every subscriber (streams and WaitJob) through a bounded broadcast
-//! ring. A subscriber that falls behind the ring is not waited for: it notices (`Lagged`) and
-//! catches up from the history on its own, so it never slows the others or the writers.
+//! The change feed inside one process: one reader of the history (`job_events`) hands each
+//! event to the subscribers (streams and WaitJob) whose filter it matches. Subscribers are
+//! indexed by their most selective filter field (job ids, agent, user), so an event wakes
+//! only the subscribers it may concern, whatever their number. Each subscriber has a bounded
+//! queue; when it is full the reader drops the event for that subscriber and marks it
+//! lagged, never waiting: the subscriber then catches up from the history on its own, so a
+//! slow one never slows the others or the writers.
 //!
 //! What wakes the reader:
 //! - a commit through this process ([`Feed::committed`]), at once;
@@ -18,7 +21,11 @@ use std::time::Duration;
 
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use futures_util::StreamExt;
-use tokio::sync::{Notify, broadcast, watch};
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{Notify, mpsc, watch};
 use uuid::Uuid;
 
 use crate::convert;
@@ -43,6 +50,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const PRUNE_FIRST: Duration = Duration::from_secs(60);
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 const PRUNE_BATCH: i32 = 10_000;
+/// At most one NOTIFY per this interval: under a steady stream of commits the other
+/// replicas are woken 100 times a second, not once per commit.
+const NOTIFY_MIN_INTERVAL: Duration = Duration::from_millis(10);
+// The NOTIFY statement. A transaction that notifies takes an xid and writes a commit
+// record; its durability is worthless (a lost wake-up only delays, the poll still finds the
+// change), so it does not wait for the WAL flush.
+const NOTIFY_SQL: &str = "BEGIN; SET LOCAL synchronous_commit = off; NOTIFY jobsvc_feed; COMMIT";
 
 /// One committed change, prepared once for every subscriber.
 #[derive(Debug)]
@@ -74,11 +88,191 @@ impl Event {
     }
 }
 
-/// Events the reader published together, and the position the feed reached with them.
-#[derive(Debug)]
-pub struct Batch {
-    pub events: Vec<Event>,
-    pub end: Position,
+/// What a subscriber receives: every field set must match the job's new state.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub job_ids: HashSet<Uuid>,
+    pub statuses: Vec<JobStatus>,
+    pub agent_identifier: Option<String>,
+    /// The effective owner scope: always the user itself for a user's subscription.
+    pub user: Option<Uuid>,
+}
+
+impl Filter {
+    pub fn matches(&self, e: &Event) -> bool {
+        (self.job_ids.is_empty() || self.job_ids.contains(&e.id))
+            && (self.statuses.is_empty() || self.statuses.contains(&e.status))
+            && self
+                .agent_identifier
+                .as_deref()
+                .is_none_or(|a| a == e.job.agent_identifier)
+            && self.user.is_none_or(|u| e.user_id == Some(u))
+    }
+}
+
+/// Where a subscription is indexed: its most selective filter field.
+#[derive(Debug, Clone)]
+enum Key {
+    Jobs(Vec<Uuid>),
+    Agent(String),
+    User(Uuid),
+    Any,
+}
+
+impl Key {
+    fn of(f: &Filter) -> Key {
+        if !f.job_ids.is_empty() {
+            Key::Jobs(f.job_ids.iter().copied().collect())
+        } else if let Some(a) = &f.agent_identifier {
+            Key::Agent(a.clone())
+        } else if let Some(u) = f.user {
+            Key::User(u)
+        } else {
+            Key::Any
+        }
+    }
+}
+
+struct Entry {
+    filter: Filter,
+    key: Key,
+    tx: mpsc::Sender<Arc<Event>>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// The subscribers of one process, indexed for dispatch.
+#[derive(Default)]
+struct Registry {
+    next_id: u64,
+    entries: HashMap<u64, Entry>,
+    any: HashSet<u64>,
+    by_job: HashMap<Uuid, HashSet<u64>>,
+    by_agent: HashMap<String, HashSet<u64>>,
+    by_user: HashMap<Uuid, HashSet<u64>>,
+}
+
+impl Registry {
+    fn insert(&mut self, entry: Entry) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        match &entry.key {
+            Key::Jobs(jobs) => {
+                for j in jobs {
+                    self.by_job.entry(*j).or_default().insert(id);
+                }
+            }
+            Key::Agent(a) => {
+                self.by_agent.entry(a.clone()).or_default().insert(id);
+            }
+            Key::User(u) => {
+                self.by_user.entry(*u).or_default().insert(id);
+            }
+            Key::Any => {
+                self.any.insert(id);
+            }
+        }
+        self.entries.insert(id, entry);
+        id
+    }
+
+    fn remove(&mut self, id: u64) {
+        let Some(entry) = self.entries.remove(&id) else {
+            return;
+        };
+        fn drop_from<K: std::hash::Hash + Eq>(m: &mut HashMap<K, HashSet<u64>>, k: K, id: u64) {
+            if let Some(set) = m.get_mut(&k) {
+                set.remove(&id);
+                if set.is_empty() {
+                    m.remove(&k);
+                }
+            }
+        }
+        match entry.key {
+            Key::Jobs(jobs) => {
+                for j in jobs {
+                    drop_from(&mut self.by_job, j, id);
+                }
+            }
+            Key::Agent(a) => drop_from(&mut self.by_agent, a, id),
+            Key::User(u) => drop_from(&mut self.by_user, u, id),
+            Key::Any => {
+                self.any.remove(&id);
+            }
+        }
+    }
+
+    /// Hands `event` to every subscriber it matches, without ever waiting.
+    fn dispatch(&mut self, event: &Arc<Event>) {
+        let mut gone = Vec::new();
+        let candidates = self
+            .any
+            .iter()
+            .chain(self.by_job.get(&event.id).into_iter().flatten())
+            .chain(
+                self.by_agent
+                    .get(&event.job.agent_identifier)
+                    .into_iter()
+                    .flatten(),
+            )
+            .chain(
+                event
+                    .user_id
+                    .and_then(|u| self.by_user.get(&u))
+                    .into_iter()
+                    .flatten(),
+            );
+        for id in candidates {
+            let Some(entry) = self.entries.get(id) else {
+                continue;
+            };
+            if !entry.filter.matches(event) {
+                continue;
+            }
+            match entry.tx.try_send(event.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    entry.lagged.store(true, Ordering::Release);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => gone.push(*id),
+            }
+        }
+        for id in gone {
+            self.remove(id);
+        }
+    }
+}
+
+/// One subscriber's end: the matching events in feed order, and whether some were dropped.
+pub struct Subscription {
+    id: u64,
+    rx: mpsc::Receiver<Arc<Event>>,
+    lagged: Arc<AtomicBool>,
+    feed: Arc<Feed>,
+}
+
+impl Subscription {
+    /// The next matching event; `None` once the feed is gone.
+    pub async fn recv(&mut self) -> Option<Arc<Event>> {
+        self.rx.recv().await
+    }
+
+    /// A queued event, if any, without waiting.
+    pub fn try_recv(&mut self) -> Option<Arc<Event>> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Whether events were dropped because the queue was full (and clears the mark): the
+    /// subscriber must catch up from the history from its last position. Events dispatched
+    /// after this call are queued again.
+    pub fn take_lagged(&self) -> bool {
+        self.lagged.swap(false, Ordering::AcqRel)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.feed.registry.lock().unwrap().remove(self.id);
+    }
 }
 
 /// Settings of the feed.
@@ -86,16 +280,17 @@ pub struct Batch {
 pub struct FeedConfig {
     pub poll_interval: Duration,
     pub retention: Duration,
-    /// Batches the ring holds; a subscriber further behind catches up from the history.
-    pub ring_batches: usize,
+    /// Events a subscriber's queue holds; one further behind catches up from the history.
+    pub queue_events: usize,
 }
 
 /// The process's feed: subscribe to it, and tell it about commits.
 pub struct Feed {
-    batches: broadcast::Sender<Arc<Batch>>,
-    /// The position the reader has published up to. Always updated after the batch that
-    /// reached it was sent, so a subscriber that reads this and then drains its receiver has
-    /// seen every event up to it.
+    registry: Mutex<Registry>,
+    queue_events: usize,
+    /// The position the reader has published up to. Always updated after the events below
+    /// it were dispatched, so a subscriber that reads this and then drains its queue has seen
+    /// every matching event up to it.
     position: watch::Receiver<Position>,
     wake: Notify,
     committed: Notify,
@@ -120,7 +315,8 @@ impl Feed {
         );
         let (position_tx, position) = watch::channel(start);
         let feed = Arc::new(Feed {
-            batches: broadcast::channel(config.ring_batches.max(1)).0,
+            registry: Mutex::new(Registry::default()),
+            queue_events: config.queue_events.max(1),
             position,
             wake: Notify::new(),
             committed: Notify::new(),
@@ -134,18 +330,37 @@ impl Feed {
             config.poll_interval,
             shutdown.clone(),
         ));
-        tokio::spawn(listen_loop(feed.clone(), database_url, shutdown.clone()));
-        tokio::spawn(notify_loop(feed.clone(), pool.clone(), shutdown.clone()));
+        tokio::spawn(listen_loop(
+            feed.clone(),
+            database_url.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(notify_loop(feed.clone(), database_url, shutdown.clone()));
         tokio::spawn(prune_loop(pool, config.retention, shutdown));
         Ok(feed)
     }
 
-    /// A receiver of every batch published from now on, and the position it starts after.
-    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Batch>>, Position) {
-        let rx = self.batches.subscribe();
-        // Read after subscribing: every batch beyond this position reaches `rx`.
+    /// Subscribes to the events matching `filter` from now on. The returned position was
+    /// read after subscribing, but an event just above it may have been dispatched before:
+    /// every caller starts from the history (a snapshot, a catch-up or a re-read).
+    pub fn subscribe(self: &Arc<Self>, filter: Filter) -> (Subscription, Position) {
+        let (tx, rx) = mpsc::channel(self.queue_events);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let key = Key::of(&filter);
+        let id = self.registry.lock().unwrap().insert(Entry {
+            filter,
+            key,
+            tx,
+            lagged: lagged.clone(),
+        });
         let at = *self.position.borrow();
-        (rx, at)
+        let sub = Subscription {
+            id,
+            rx,
+            lagged,
+            feed: self.clone(),
+        };
+        (sub, at)
     }
 
     /// The position published so far; see the field's comment for how to use it.
@@ -161,7 +376,7 @@ impl Feed {
 
     /// Subscribers on this process (for metrics and tests).
     pub fn subscribers(&self) -> usize {
-        self.batches.receiver_count()
+        self.registry.lock().unwrap().entries.len()
     }
 }
 
@@ -221,20 +436,25 @@ async fn drain(
     }
     let c = conn.as_mut().expect("connected above");
     loop {
-        let read = events::read(c, at, READ_LIMIT, None).await?;
-        let full = read.events.len() as i64 == READ_LIMIT;
+        // With nobody subscribed, only the horizon matters: a new subscriber always starts
+        // from the history, never from what the reader held.
+        let idle = feed.registry.lock().unwrap().entries.is_empty();
+        let read = events::read(c, at, if idle { 0 } else { READ_LIMIT }, None).await?;
+        let full = !idle && read.events.len() as i64 == READ_LIMIT;
         let end = match read.events.last() {
             Some(last) if full => last.position(),
             _ => at.max(Position::below(read.horizon)),
         };
         if !read.events.is_empty() {
-            let events = read
+            let events: Vec<Arc<Event>> = read
                 .events
                 .into_iter()
-                .map(|row| Event::new(row, &feed.tokens))
+                .map(|row| Arc::new(Event::new(row, &feed.tokens)))
                 .collect();
-            // No receivers is fine.
-            let _ = feed.batches.send(Arc::new(Batch { events, end }));
+            let mut registry = feed.registry.lock().unwrap();
+            for event in &events {
+                registry.dispatch(event);
+            }
         }
         if end > at {
             position_tx.send_replace(end);
@@ -288,21 +508,34 @@ async fn listen_loop(feed: Arc<Feed>, database_url: String, mut shutdown: watch:
     }
 }
 
-/// Sends one NOTIFY per burst of local commits, outside any write transaction.
-async fn notify_loop(feed: Arc<Feed>, pool: PgPool, mut shutdown: watch::Receiver<bool>) {
+/// Sends one NOTIFY per burst of local commits (at most one per `NOTIFY_MIN_INTERVAL`),
+/// outside any write transaction.
+/// Its own connection, not a pooled one: after a failure inside the BEGIN ... COMMIT batch
+/// the connection may be left in a transaction, and it is dropped, never handed to a caller.
+async fn notify_loop(feed: Arc<Feed>, database_url: String, mut shutdown: watch::Receiver<bool>) {
+    use diesel_async::SimpleAsyncConnection;
+    let mut conn: Option<AsyncPgConnection> = None;
     loop {
         tokio::select! {
             _ = feed.committed.notified() => {}
             _ = shutdown.changed() => return,
         }
+        let next = tokio::time::Instant::now() + NOTIFY_MIN_INTERVAL;
         let result: Result<()> = async {
-            let mut conn = pool.get().await?;
-            diesel::sql_query(format!("NOTIFY {CHANNEL}"))
-                .execute(&mut conn)
+            if conn.is_none() {
+                conn = Some(db::connect(&database_url).await?);
+            }
+            conn.as_mut()
+                .expect("connected above")
+                .batch_execute(NOTIFY_SQL)
                 .await?;
             Ok(())
         }
         .await;
+        if result.is_err() {
+            conn = None;
+        }
+        tokio::time::sleep_until(next).await;
         if let Err(e) = result {
             // The others still find the change by polling.
             tracing::debug!(error = %e, "change feed: NOTIFY failed");

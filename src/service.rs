@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::Stream;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -18,9 +18,9 @@ use crate::db::models::JobRow;
 use crate::db::{self, PgPool};
 use crate::domain::{JobStatus, Transition, transition};
 use crate::error::{Error, Result};
-use crate::feed::{Batch, Feed};
+use crate::feed::{Feed, Filter, Subscription};
 use crate::pb;
-use crate::stream::{self, Start, StreamFilter};
+use crate::stream::{self, Start};
 use crate::tokens::{self, Fingerprint, PageCursor, TokenKey};
 
 /// WaitJob re-reads the job when the change feed shows a change to it; this re-read is only a
@@ -298,7 +298,10 @@ impl pb::job_service_server::JobService for JobSvc {
             };
             let deadline = tokio::time::Instant::now() + timeout;
             // Subscribe before the first read, so a change between the two is not missed.
-            let (mut changes, _) = self.state.feed.subscribe();
+            let (mut changes, _) = self.state.feed.subscribe(Filter {
+                job_ids: [id].into(),
+                ..Default::default()
+            });
             let mut shutdown = self.state.shutdown.clone();
             loop {
                 let job = self.get(&caller, id).await?;
@@ -308,7 +311,7 @@ impl pb::job_service_server::JobService for JobSvc {
                 }
                 let wake = (now + WAIT_REREAD_INTERVAL).min(deadline);
                 tokio::select! {
-                    _ = wait_for_change(&mut changes, id) => {}
+                    _ = wait_for_change(&mut changes) => {}
                     _ = tokio::time::sleep_until(wake) => {}
                     _ = shutdown.changed() => {}
                 }
@@ -561,7 +564,7 @@ fn list_fingerprint(f: &ListFilter) -> Fingerprint {
 }
 
 /// The validated filter of a StreamJobUpdates request; a user's scope is always the user.
-fn stream_filter(caller: &Caller, msg: &pb::StreamJobUpdatesRequest) -> Result<StreamFilter> {
+fn stream_filter(caller: &Caller, msg: &pb::StreamJobUpdatesRequest) -> Result<Filter> {
     if msg.job_ids.len() > stream::MAX_JOB_IDS {
         return Err(Error::invalid(
             "job_ids",
@@ -580,7 +583,7 @@ fn stream_filter(caller: &Caller, msg: &pb::StreamJobUpdatesRequest) -> Result<S
         .collect::<Result<Vec<_>>>()?;
     statuses.sort();
     statuses.dedup();
-    Ok(StreamFilter {
+    Ok(Filter {
         job_ids: msg
             .job_ids
             .iter()
@@ -595,16 +598,10 @@ fn stream_filter(caller: &Caller, msg: &pb::StreamJobUpdatesRequest) -> Result<S
     })
 }
 
-/// Resolves when the feed carries a change to job `id` (from any replica or plain SQL), or
-/// when changes were dropped (lagging), so the caller re-reads. Never resolves once the feed
-/// is gone.
-async fn wait_for_change(rx: &mut broadcast::Receiver<Arc<Batch>>, id: Uuid) {
-    loop {
-        match rx.recv().await {
-            Ok(batch) if batch.events.iter().any(|e| e.id == id) => return,
-            Ok(_) => continue,
-            Err(broadcast::error::RecvError::Lagged(_)) => return,
-            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
-        }
+/// Resolves when the feed carries a change to the job (from any replica or plain SQL); never
+/// once the feed is gone (the caller's re-read timer still runs).
+async fn wait_for_change(sub: &mut Subscription) {
+    if sub.recv().await.is_none() {
+        std::future::pending::<()>().await;
     }
 }

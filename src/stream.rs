@@ -9,25 +9,23 @@
 //! - otherwise: from now, exactly: like `include_existing` with no jobs sent, so a change
 //!   committed before the call is never delivered, one committed after always is.
 //!
-//! Live, it takes the feed's batches; when it falls behind the feed's ring (its client reads
-//! slowly, so sends block), it catches up from the history at its own pace and rejoins.
+//! Live, it takes the matching events the feed queues for it; when the queue overflowed
+//! (its client reads slowly, so sends block), it catches up from the history at its own pace
+//! and goes on with the queue, skipping what it already sent.
 //! Messages go through a small channel to tonic: when the client goes away, tonic drops the
 //! receiver and the task sees it at once, whatever it is waiting for.
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::Status;
-use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::db::events::{self, JobsFilter, Position, Snapshot};
 use crate::db::{self, PgPool};
-use crate::domain::JobStatus;
 use crate::error::{Error, Result};
-use crate::feed::{Batch, Event, Feed, READ_LIMIT};
+use crate::feed::{Event, Feed, Filter, READ_LIMIT, Subscription};
 use crate::pb;
 use crate::pb::job_update::Event as Update;
 
@@ -38,34 +36,15 @@ const SNAPSHOT_PAGE: i64 = 500;
 /// At most this many `job_ids` in one request.
 pub const MAX_JOB_IDS: usize = 1000;
 
-/// What a stream delivers: every field set must match the job's new state.
-#[derive(Debug, Clone, Default)]
-pub struct StreamFilter {
-    pub job_ids: HashSet<Uuid>,
-    pub statuses: Vec<JobStatus>,
-    pub agent_identifier: Option<String>,
-    /// The effective owner scope: always the user itself for a user's stream.
-    pub user: Option<Uuid>,
-}
+/// What a stream delivers.
+pub type StreamFilter = Filter;
 
-impl StreamFilter {
-    pub fn matches(&self, e: &Event) -> bool {
-        (self.job_ids.is_empty() || self.job_ids.contains(&e.id))
-            && (self.statuses.is_empty() || self.statuses.contains(&e.status))
-            && self
-                .agent_identifier
-                .as_deref()
-                .is_none_or(|a| a == e.job.agent_identifier)
-            && self.user.is_none_or(|u| e.user_id == Some(u))
-    }
-
-    fn jobs_filter(&self) -> JobsFilter {
-        JobsFilter {
-            job_ids: self.job_ids.iter().copied().collect(),
-            statuses: self.statuses.clone(),
-            agent_identifier: self.agent_identifier.clone(),
-            user: self.user,
-        }
+fn jobs_filter(f: &Filter) -> JobsFilter {
+    JobsFilter {
+        job_ids: f.job_ids.iter().copied().collect(),
+        statuses: f.statuses.clone(),
+        agent_identifier: f.agent_identifier.clone(),
+        user: f.user,
     }
 }
 
@@ -130,7 +109,7 @@ impl Stream {
     }
 
     async fn run(self, tx: &Tx) -> Result<()> {
-        let (mut rx, published) = self.feed.subscribe();
+        let (mut sub, published) = self.feed.subscribe(self.filter.clone());
         let mut state = Cursor {
             at: published,
             skip: None,
@@ -147,7 +126,7 @@ impl Stream {
             Start::Existing => {
                 let snapshot = self.send_existing(tx).await?;
                 // Everything below xmin is in the snapshot; above it, what the snapshot sees.
-                state.at = Position::below(snapshot.xmin);
+                state.advance(Position::below(snapshot.xmin));
                 state.skip = Some(snapshot);
             }
             Start::Resume(at) => {
@@ -162,34 +141,25 @@ impl Stream {
         let mut shutdown = self.shutdown.clone();
         let mut next_heartbeat = Instant::now() + self.heartbeat;
         loop {
+            // Events were dropped while the queue was full: take them from the history.
+            if sub.take_lagged() {
+                tracing::debug!(
+                    request_id = self.request_id,
+                    "stream behind the feed; catching up from the history"
+                );
+                self.catch_up(tx, &mut state).await?;
+            }
             tokio::select! {
-                batch = rx.recv() => match batch {
-                    Ok(batch) => {
-                        if self.deliver(tx, &batch, &mut state).await? {
+                event = sub.recv() => match event {
+                    Some(event) => {
+                        if self.offer(tx, &event, &mut state).await? {
                             next_heartbeat = Instant::now() + self.heartbeat;
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::debug!(request_id = self.request_id, missed, "stream behind the feed; catching up from the history");
-                        rx = self.feed.subscribe().0;
-                        self.catch_up(tx, &mut state).await?;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return Err(shutting_down()),
+                    None => return Err(shutting_down()),
                 },
                 _ = tokio::time::sleep_until(next_heartbeat) => {
-                    // Everything published up to `p` is in `rx` already: take it, then stand at `p`.
-                    let p = self.feed.published();
-                    loop {
-                        match rx.try_recv() {
-                            Ok(batch) => { self.deliver(tx, &batch, &mut state).await?; }
-                            Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                                rx = self.feed.subscribe().0;
-                                self.catch_up(tx, &mut state).await?;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    state.advance(p);
+                    self.settle(tx, &mut sub, &mut state).await?;
                     self.send(tx, Update::Heartbeat(pb::StreamHeartbeat {}), &state).await?;
                     next_heartbeat = Instant::now() + self.heartbeat;
                 }
@@ -204,12 +174,26 @@ impl Stream {
         }
     }
 
+    /// Moves the cursor to the feed's published position: everything matching below it is
+    /// in the queue (or, after a lag, in the history), so take that first.
+    async fn settle(&self, tx: &Tx, sub: &mut Subscription, state: &mut Cursor) -> Result<()> {
+        let p = self.feed.published();
+        while let Some(event) = sub.try_recv() {
+            self.offer(tx, &event, state).await?;
+        }
+        if sub.take_lagged() {
+            self.catch_up(tx, state).await?;
+        }
+        state.advance(p);
+        Ok(())
+    }
+
     /// Sends the matching jobs as they are in one snapshot; returns that snapshot.
     async fn send_existing(&self, tx: &Tx) -> Result<Snapshot> {
         let mut db = db::scoped_snapshot(&self.pool, &self.caller).await?;
         let result = async {
             let snapshot = events::snapshot(db.conn()).await?;
-            let filter = self.filter.jobs_filter();
+            let filter = jobs_filter(&self.filter);
             let mut after = None;
             loop {
                 let page = events::existing_jobs(db.conn(), &filter, after, SNAPSHOT_PAGE).await?;
@@ -237,43 +221,33 @@ impl Stream {
         loop {
             let read = events::read(&mut conn, state.at, READ_LIMIT, self.filter.user).await?;
             let full = read.events.len() as i64 == READ_LIMIT;
-            let events: Vec<Event> = read
-                .events
-                .into_iter()
-                .map(|row| Event::new(row, &self.feed.tokens))
-                .collect();
-            let end = match events.last() {
-                Some(last) if full => last.position,
-                _ => state.at.max(Position::below(read.horizon)),
-            };
-            self.deliver(tx, &Batch { events, end }, state).await?;
+            for row in read.events {
+                self.offer(tx, &Event::new(row, &self.feed.tokens), state)
+                    .await?;
+            }
             if !full {
+                state.advance(Position::below(read.horizon));
                 return Ok(());
             }
         }
     }
 
-    /// Sends the batch's events that are new to this stream and match; returns whether it
-    /// sent any.
-    async fn deliver(&self, tx: &Tx, batch: &Batch, state: &mut Cursor) -> Result<bool> {
-        let mut sent = false;
-        for event in &batch.events {
-            if event.position <= state.at {
-                continue;
-            }
-            state.at = event.position;
-            if state.already_seen(event) || !self.filter.matches(event) {
-                continue;
-            }
-            let update = pb::JobUpdate {
-                resume_token: event.resume_token.clone(),
-                event: Some(Update::Job(event.job.clone())),
-            };
-            tx.send(Ok(update)).await.map_err(|_| client_gone())?;
-            sent = true;
+    /// Sends `event` if it is new to this stream, matches, and is not in the stream's
+    /// snapshot; returns whether it was sent.
+    async fn offer(&self, tx: &Tx, event: &Event, state: &mut Cursor) -> Result<bool> {
+        if event.position <= state.at {
+            return Ok(false);
         }
-        state.advance(batch.end);
-        Ok(sent)
+        state.at = event.position;
+        if state.already_seen(event) || !self.filter.matches(event) {
+            return Ok(false);
+        }
+        let update = pb::JobUpdate {
+            resume_token: event.resume_token.clone(),
+            event: Some(Update::Job(event.job.clone())),
+        };
+        tx.send(Ok(update)).await.map_err(|_| client_gone())?;
+        Ok(true)
     }
 
     async fn send(&self, tx: &Tx, event: Update, state: &Cursor) -> Result<()> {

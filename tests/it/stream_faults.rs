@@ -150,12 +150,12 @@ async fn concurrent_writers_committing_out_of_order_lose_nothing() {
 
 /// A subscriber that stops reading while 5,000 changes happen delays nobody: a second one
 /// gets every change within 2 s of its commit, and the stalled one, once it reads again,
-/// gets every change too (from the history: its place in the small ring is long gone).
+/// gets every change too (from the history: its small queue overflowed long ago).
 #[tokio::test]
 async fn a_stalled_subscriber_slows_no_one_and_still_gets_everything() {
     let pg = shared_pg().await;
     let url = fresh_database(&pg).await;
-    let server = TestServer::start_on(&url, &["--feed-ring-batches", "8"]).await;
+    let server = TestServer::start_on(&url, &["--stream-queue-events", "16"]).await;
     let mut slow_client = server.service().await;
     let mut slow = slow_client
         .stream_job_updates(pb::StreamJobUpdatesRequest {
@@ -189,7 +189,9 @@ async fn a_stalled_subscriber_slows_no_one_and_still_gets_everything() {
         })
     };
 
-    // 5,000 changes: 100 commits of 50 jobs, from plain SQL, and their commit times.
+    // 5,000 changes: 100 commits of 50 jobs, from plain SQL, and their commit times. Each job
+    // carries 2 kB, so the stalled stream's 10 MB overflow every buffer on the way (HTTP/2
+    // windows, the server's queue) and the server has to drop its events.
     let mut conn = jobsvc::db::connect(&url).await.unwrap();
     let mut committed: Vec<(Instant, Vec<String>)> = Vec::new();
     #[derive(diesel::QueryableByName)]
@@ -199,7 +201,9 @@ async fn a_stalled_subscriber_slows_no_one_and_still_gets_everything() {
     }
     for _ in 0..100 {
         let rows: Vec<Id> = diesel::sql_query(
-            "INSERT INTO jobs (agent_identifier) SELECT 's' FROM generate_series(1, 50) RETURNING id::text AS id",
+            "INSERT INTO jobs (agent_identifier, job_data) \
+             SELECT 's', jsonb_build_object('pad', repeat('x', 2000)) FROM generate_series(1, 50) \
+             RETURNING id::text AS id",
         )
         .load(&mut conn)
         .await

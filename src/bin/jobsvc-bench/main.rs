@@ -5,6 +5,8 @@
 //! throughput and latency percentiles; for scenarios with a database equivalent it runs
 //! pgbench on the same database with the same concurrency and prints the ratio.
 //! `--json` prints one object per scenario per line.
+mod stream;
+
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::Arc;
@@ -30,13 +32,17 @@ const SCENARIOS: &[&str] = &[
     "list-deep",
     "stats",
     "stats-user",
+    "stream",
 ];
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark jobsvc against pgbench on the same database")]
 struct Args {
     /// Scenario name, or `all`: create, create-rls, lifecycle (create, running, completed),
-    /// get, get-rls, list-first, list-deep, stats (GetStats, all jobs), stats-user (one user).
+    /// get, get-rls, list-first, list-deep, stats (GetStats, all jobs), stats-user (one user),
+    /// stream (the change feed: write throughput with subscribers, delivery latency, fan-out
+    /// limit, memory per stream, raw LISTEN/NOTIFY; its own report). `all` is every scenario
+    /// but stream.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Concurrent callers (and pgbench clients).
@@ -99,7 +105,11 @@ struct Outcome {
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args = Args::parse();
     let names: Vec<&str> = if args.scenario == "all" {
-        SCENARIOS.to_vec()
+        SCENARIOS
+            .iter()
+            .copied()
+            .filter(|s| *s != "stream")
+            .collect()
     } else if SCENARIOS.contains(&args.scenario.as_str()) {
         vec![args.scenario.as_str()]
     } else {
@@ -110,6 +120,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .into());
     };
     let mut env = start(&args).await?;
+    if names == ["stream"] {
+        stream::run(&args, &env).await?;
+        env.pg.stop().await;
+        return Ok(());
+    }
     if !args.json {
         println!(
             "{:<12} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>7}",
@@ -157,6 +172,16 @@ async fn start(args: &Args) -> Result<Env, Box<dyn std::error::Error + Send + Sy
         },
     )?;
     pg.start().await?;
+    if args.scenario == "stream" {
+        // Commit timestamps, for commit-to-subscriber latency.
+        let mut conn = jobsvc::db::connect(&pg.url("postgres")).await?;
+        diesel::sql_query("ALTER SYSTEM SET track_commit_timestamp = on")
+            .execute(&mut conn)
+            .await?;
+        drop(conn);
+        pg.stop().await;
+        pg.start().await?;
+    }
     pg.ensure_database("bench").await?;
     let url = pg.url("bench");
     jobsvc::db::migrate(&url).await?;
@@ -261,6 +286,44 @@ async fn client(addr: std::net::SocketAddr, role: &str, sub: Option<Uuid>) -> Cl
         .await
         .unwrap();
     JobServiceClient::with_interceptor(channel, Auth(format!("Bearer {token}").parse().unwrap()))
+}
+
+/// One CreateJob with a ~300-byte job_data.
+async fn create_call(mut c: Client, agent: String) -> bool {
+    c.create_job(pb::CreateJobRequest {
+        agent_identifier: agent,
+        job_data: Some(jobsvc::convert::json_to_struct(
+            serde_json::json!({"kind": "k1", "priority": 3, "payload": "x".repeat(250)}),
+        )),
+        ..Default::default()
+    })
+    .await
+    .is_ok()
+}
+
+/// A job's whole life: CreateJob, then UpdateStatus to running and to completed.
+async fn lifecycle_call(mut c: Client) -> bool {
+    let Ok(job) = c
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: "bench".into(),
+            ..Default::default()
+        })
+        .await
+    else {
+        return false;
+    };
+    let id = job.into_inner().id;
+    for status in [pb::JobStatus::Running, pb::JobStatus::Completed] {
+        let req = pb::UpdateStatusRequest {
+            id: id.clone(),
+            status: status as i32,
+            ..Default::default()
+        };
+        if c.update_status(req).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// Drives `call` from `concurrency` tasks for warm-up plus duration; returns measured latencies.
@@ -380,21 +443,7 @@ async fn run_scenario(
     match name {
         "create" | "create-rls" => {
             let c = clients.clone();
-            outcome = drive(args, move |w, _| {
-                let mut c = c[w].clone();
-                async move {
-                    c.create_job(pb::CreateJobRequest {
-                        agent_identifier: "bench".into(),
-                        job_data: Some(jobsvc::convert::json_to_struct(
-                            serde_json::json!({"kind": "k1", "priority": 3, "payload": "x".repeat(250)}),
-                        )),
-                        ..Default::default()
-                    })
-                    .await
-                    .is_ok()
-                }
-            })
-            .await;
+            outcome = drive(args, move |w, _| create_call(c[w].clone(), "bench".into())).await;
             let (tps, lat) = pgbench(
                 env,
                 args,
@@ -408,33 +457,7 @@ async fn run_scenario(
         }
         "lifecycle" => {
             let c = clients.clone();
-            outcome = drive(args, move |w, _| {
-                let mut c = c[w].clone();
-                async move {
-                    let Ok(job) = c
-                        .create_job(pb::CreateJobRequest {
-                            agent_identifier: "bench".into(),
-                            ..Default::default()
-                        })
-                        .await
-                    else {
-                        return false;
-                    };
-                    let id = job.into_inner().id;
-                    for status in [pb::JobStatus::Running, pb::JobStatus::Completed] {
-                        let req = pb::UpdateStatusRequest {
-                            id: id.clone(),
-                            status: status as i32,
-                            ..Default::default()
-                        };
-                        if c.update_status(req).await.is_err() {
-                            return false;
-                        }
-                    }
-                    true
-                }
-            })
-            .await;
+            outcome = drive(args, move |w, _| lifecycle_call(c[w].clone())).await;
             // The same three statements, one transaction each, as pgbench does them.
             let script = "INSERT INTO jobs (agent_identifier, job_data) VALUES ('bench', '{}') RETURNING id \\gset\n\
                  UPDATE jobs SET status = 'running', started_at = now() WHERE id = :id AND status = 'pending' RETURNING *;\n\
