@@ -81,6 +81,82 @@ pub fn print_token(args: TokenArgs) -> Result<(), AppError> {
     Ok(())
 }
 
+/// The database of `export` / `import`: DATABASE_URL, or the private PostgreSQL of the data
+/// directory (reached on its socket while `serve` runs, else started for the command and
+/// returned so the caller stops it).
+async fn command_database(
+    db_args: &crate::config::DbArgs,
+) -> Result<(String, Option<EmbeddedPg>), AppError> {
+    if let Some(url) = &db_args.database_url {
+        return Ok((url.clone(), None));
+    }
+    let pg = EmbeddedPg::init(&db_args.data_dir, PgOptions::default())?;
+    let url = pg.url(EMBEDDED_DB);
+    if db::connect(&url).await.is_ok() {
+        return Ok((url, None));
+    }
+    pg.start().await?;
+    pg.ensure_database(EMBEDDED_DB).await?;
+    Ok((url, Some(pg)))
+}
+
+/// `jobsvc export`.
+pub async fn export(args: crate::config::ExportArgs) -> Result<(), AppError> {
+    let filter = crate::transfer::ExportFilter {
+        statuses: args
+            .statuses
+            .iter()
+            .map(|s| {
+                crate::domain::JobStatus::parse(s).ok_or_else(|| {
+                    format!(
+                        "unknown status {s:?}: pending, running, completed, failed or cancelled"
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        agent_identifier: args.agent.clone(),
+        user: args.user,
+        created_after: args.created_after,
+        created_before: args.created_before,
+        after_id: args.after_id,
+    };
+    let (url, pg) = command_database(&args.db).await?;
+    let result = async {
+        db::migrate(&url).await?;
+        let mut conn = db::connect(&url).await?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+        let n = crate::transfer::export(&mut conn, &filter, &mut out).await?;
+        eprintln!("exported {n} jobs");
+        Ok::<_, AppError>(())
+    }
+    .await;
+    if let Some(pg) = pg {
+        pg.stop().await;
+    }
+    result
+}
+
+/// `jobsvc import`.
+pub async fn import(args: crate::config::ImportArgs) -> Result<(), AppError> {
+    let (url, pg) = command_database(&args.db).await?;
+    let result = async {
+        db::migrate(&url).await?;
+        let mut conn = db::connect(&url).await?;
+        let input = tokio::io::BufReader::new(tokio::io::stdin());
+        let done = crate::transfer::import(&mut conn, input, args.batch_size.into()).await?;
+        eprintln!(
+            "read {} jobs: {} inserted, {} already there",
+            done.read, done.inserted, done.skipped
+        );
+        Ok::<_, AppError>(())
+    }
+    .await;
+    if let Some(pg) = pg {
+        pg.stop().await;
+    }
+    result
+}
+
 /// `jobsvc serve`: database, migrations, server, until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     init_tracing(args.log_format);
@@ -134,6 +210,17 @@ pub async fn run_server(
     let pool = db::pool(database_url, args.pool_size)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tokens = crate::tokens::TokenKey::derive(secret);
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    db::set_slow_threshold(args.slow_query_threshold, metrics.clone());
+    if let Some(addr) = args.metrics_listen {
+        let listener = crate::metrics::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
     let feed = crate::feed::Feed::start(
         pool.clone(),
         database_url.to_owned(),
@@ -143,6 +230,7 @@ pub async fn run_server(
             retention: args.event_retention,
             queue_events: args.stream_queue_events,
         },
+        metrics.clone(),
         shutdown_rx.clone(),
     )
     .await?;
@@ -156,14 +244,32 @@ pub async fn run_server(
         tokens,
         feed,
         stream_heartbeat: args.stream_heartbeat,
+        metrics,
         shutdown: shutdown_rx,
     });
+    tokio::spawn(crate::retention::run(
+        state.pool.clone(),
+        crate::retention::Policy {
+            completed: args.retain_completed,
+            failed: args.retain_failed,
+            cancelled: args.retain_cancelled,
+        },
+        args.retention_interval,
+        state.shutdown.clone(),
+    ));
     tracing::info!(addr = %listener.local_addr()?, "jobsvc listening");
     let limits = server::Limits {
         max_message_bytes: args.max_message_bytes,
         max_concurrent_streams: args.max_concurrent_streams,
         keepalive_interval: args.keepalive_interval,
         keepalive_timeout: args.keepalive_timeout,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(tonic::transport::Identity::from_pem(
+                std::fs::read(cert).map_err(|e| format!("reading {}: {e}", cert.display()))?,
+                std::fs::read(key).map_err(|e| format!("reading {}: {e}", key.display()))?,
+            )),
+            _ => None,
+        },
     };
     server::run(listener, state, shutdown_tx, limits, shutdown).await?;
     tracing::info!("jobsvc stopped");

@@ -19,6 +19,58 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Print a JWT signed with the configured secret.
     Token(TokenArgs),
+    /// Write jobs to stdout as JSON lines (one `jobs` row per line, every column).
+    Export(ExportArgs),
+    /// Read JSON lines (as `export` writes them) from stdin into jobs; jobs that already
+    /// exist are skipped, so running it again is safe.
+    Import(ImportArgs),
+}
+
+/// The database `export` and `import` work on.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// PostgreSQL URL; without it, the private PostgreSQL of the data directory (used while
+    /// `jobsvc serve` runs on it, started for the command otherwise).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Directory of the private PostgreSQL.
+    #[arg(long, env = "JOBSVC_DATA_DIR", default_value = ".jobsvc")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Only jobs in these statuses (pending, running, completed, failed, cancelled); repeatable.
+    #[arg(long = "status")]
+    pub statuses: Vec<String>,
+    /// Only jobs of this agent.
+    #[arg(long)]
+    pub agent: Option<String>,
+    /// Only jobs of this user.
+    #[arg(long)]
+    pub user: Option<uuid::Uuid>,
+    /// Only jobs created after this time (RFC 3339).
+    #[arg(long)]
+    pub created_after: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only jobs created before this time (RFC 3339).
+    #[arg(long)]
+    pub created_before: Option<chrono::DateTime<chrono::Utc>>,
+    /// Resume an interrupted export: only jobs whose id sorts after this one (the id on the
+    /// last complete line written).
+    #[arg(long)]
+    pub after_id: Option<uuid::Uuid>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ImportArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Jobs per INSERT statement.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
+    pub batch_size: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -101,6 +153,38 @@ pub struct ServeArgs {
     /// (plain SQL writes, lost notifications).
     #[arg(long, env = "JOBSVC_FEED_POLL_INTERVAL", default_value = "200ms", value_parser = parse_positive)]
     pub feed_poll_interval: Duration,
+
+    /// Delete completed jobs this long after they finished (e.g. 30d); kept forever when unset.
+    #[arg(long, env = "JOBSVC_RETAIN_COMPLETED", value_parser = parse_positive)]
+    pub retain_completed: Option<Duration>,
+
+    /// Delete failed jobs this long after they finished (e.g. 90d); kept forever when unset.
+    #[arg(long, env = "JOBSVC_RETAIN_FAILED", value_parser = parse_positive)]
+    pub retain_failed: Option<Duration>,
+
+    /// Delete cancelled jobs this long after they finished; kept forever when unset.
+    #[arg(long, env = "JOBSVC_RETAIN_CANCELLED", value_parser = parse_positive)]
+    pub retain_cancelled: Option<Duration>,
+
+    /// How often the retention policy runs.
+    #[arg(long, env = "JOBSVC_RETENTION_INTERVAL", default_value = "10m", value_parser = parse_positive)]
+    pub retention_interval: Duration,
+
+    /// Serve Prometheus metrics (text format) on this address; off when unset.
+    #[arg(long, env = "JOBSVC_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Database calls slower than this are logged as warnings and counted.
+    #[arg(long, env = "JOBSVC_SLOW_QUERY_THRESHOLD", default_value = "1s", value_parser = parse_positive)]
+    pub slow_query_threshold: Duration,
+
+    /// PEM certificate chain for TLS on the gRPC port (with --tls-key); plaintext when unset.
+    #[arg(long, env = "JOBSVC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for TLS on the gRPC port (with --tls-cert).
+    #[arg(long, env = "JOBSVC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 
     /// Events queued for one stream before it has to catch up from the history instead
     /// (tests make it small to exercise that path).

@@ -295,6 +295,7 @@ pub struct Feed {
     wake: Notify,
     committed: Notify,
     pub tokens: TokenKey,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Feed {
@@ -305,6 +306,7 @@ impl Feed {
         database_url: String,
         tokens: TokenKey,
         config: FeedConfig,
+        metrics: Arc<crate::metrics::Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Feed>> {
         let mut conn = db::connect(&database_url).await?;
@@ -321,6 +323,7 @@ impl Feed {
             wake: Notify::new(),
             committed: Notify::new(),
             tokens,
+            metrics,
         });
         tokio::spawn(read_loop(
             feed.clone(),
@@ -445,17 +448,27 @@ async fn drain(
             Some(last) if full => last.position(),
             _ => at.max(Position::below(read.horizon)),
         };
+        let now = chrono::Utc::now();
+        let mut lag = 0.0;
         if !read.events.is_empty() {
             let events: Vec<Arc<Event>> = read
                 .events
                 .into_iter()
-                .map(|row| Arc::new(Event::new(row, &feed.tokens)))
+                .map(|row| {
+                    lag = (now - row.job.updated_at).as_seconds_f64().max(0.0);
+                    feed.metrics.feed_delay.observe(lag);
+                    Arc::new(Event::new(row, &feed.tokens))
+                })
                 .collect();
             let mut registry = feed.registry.lock().unwrap();
             for event in &events {
                 registry.dispatch(event);
             }
         }
+        feed.metrics.feed_lag_seconds.set(lag);
+        feed.metrics
+            .feed_subscribers
+            .set(feed.registry.lock().unwrap().entries.len() as i64);
         if end > at {
             position_tx.send_replace(end);
             at = end;

@@ -10,6 +10,9 @@
 //! - [`feed`]: the change feed of one process (history reader, NOTIFY listener, fan-out).
 //! - [`stream`]: one StreamJobUpdates stream: snapshot, catch-up, live, heartbeats.
 //! - [`tokens`]: opaque signed page and resume tokens.
+//! - [`metrics`]: Prometheus metrics and their optional endpoint.
+//! - [`retention`]: background deletion of finished jobs past their configured age.
+//! - [`transfer`]: `jobsvc export` / `import` as JSON lines.
 //! - [`error`]: one error type and its one mapping to gRPC status with ErrorInfo.
 //! - [`embedded_pg`]: the private PostgreSQL used when no DATABASE_URL is given.
 //! - [`app`] and [`config`]: wiring for the `jobsvc` binary.
@@ -27,8 +30,11 @@ pub mod domain;
 pub mod embedded_pg;
 pub mod error;
 pub mod feed;
+pub mod metrics;
 pub mod pb;
+pub mod retention;
 pub mod server;
 pub mod service;
 pub mod stream;
 pub mod tokens;
+pub mod transfer;

@@ -12,6 +12,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::db::{self, PgPool};
+use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::job_service_server::JobServiceServer;
 use crate::service::{AppState, JobSvc};
@@ -28,6 +29,8 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// TLS certificate and key for the gRPC port; plaintext when `None`.
+    pub tls: Option<tonic::transport::Identity>,
 }
 
 impl Limits {
@@ -50,9 +53,14 @@ pub async fn run(
     let monitor = tokio::spawn(monitor_health(
         reporter,
         state.pool.clone(),
+        state.metrics.clone(),
         state.shutdown.clone(),
     ));
-    let folder = tokio::spawn(fold_stats(state.pool.clone(), state.shutdown.clone()));
+    let folder = tokio::spawn(fold_stats(
+        state.pool.clone(),
+        state.metrics.clone(),
+        state.shutdown.clone(),
+    ));
 
     let reflection_v1 = reflection()
         .build_v1()
@@ -71,7 +79,12 @@ pub async fn run(
         let _ = shutdown_tx.send(true);
     };
 
-    let result = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(identity) = limits.tls.clone() {
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    let result = builder
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(Limits::MAX_RESET_STREAMS))
         .http2_max_local_error_reset_streams(Some(Limits::MAX_RESET_STREAMS))
@@ -95,7 +108,8 @@ pub async fn run(
 const FOLD_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Keeps the stats rollup compact. Every replica may run it: concurrent folds skip each other.
-async fn fold_stats(pool: PgPool, mut shutdown: watch::Receiver<bool>) {
+/// Also refreshes the jobs-by-status gauges from the rollup.
+async fn fold_stats(pool: PgPool, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(FOLD_INTERVAL) => {}
@@ -103,7 +117,16 @@ async fn fold_stats(pool: PgPool, mut shutdown: watch::Receiver<bool>) {
         }
         let result = async {
             let mut conn = pool.get().await?;
-            db::stats::fold(&mut conn).await
+            db::stats::fold(&mut conn).await?;
+            let (c, _) = db::stats::get(&mut conn, None, None).await?;
+            metrics.set_jobs([
+                ("pending", c.pending),
+                ("running", c.running),
+                ("completed", c.completed),
+                ("failed", c.failed),
+                ("cancelled", c.cancelled),
+            ]);
+            Ok::<_, crate::error::Error>(())
         }
         .await;
         if let Err(e) = result {
@@ -127,10 +150,16 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 async fn monitor_health(
     reporter: HealthReporter,
     pool: PgPool,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last: Option<ServingStatus> = None;
     loop {
+        let s = pool.status();
+        metrics.pool_connections.set(s.size as i64);
+        metrics.pool_idle.set(s.available as i64);
+        metrics.pool_max.set(s.max_size as i64);
+        metrics.pool_waiting.set(s.waiting as i64);
         let status = match tokio::time::timeout(HEALTH_PING_TIMEOUT, db::ping(&pool)).await {
             Ok(Ok(())) if !*shutdown.borrow() => ServingStatus::Serving,
             _ => ServingStatus::NotServing,

@@ -19,6 +19,7 @@ use crate::db::{self, PgPool};
 use crate::domain::{JobStatus, Transition, transition};
 use crate::error::{Error, Result};
 use crate::feed::{Feed, Filter, Subscription};
+use crate::metrics::Metrics;
 use crate::pb;
 use crate::stream::{self, Start};
 use crate::tokens::{self, Fingerprint, PageCursor, TokenKey};
@@ -42,6 +43,8 @@ pub struct AppState {
     pub feed: Arc<Feed>,
     /// Heartbeat interval of idle streams.
     pub stream_heartbeat: Duration,
+    /// What the metrics endpoint reports.
+    pub metrics: Arc<Metrics>,
     /// Flips to true when the server starts shutting down: long calls return early.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -110,16 +113,18 @@ impl JobSvc {
     }
 }
 
-/// One call's bookkeeping: request id, span, timer, and the one log line at the end.
+/// One call's bookkeeping: request id, span, timer, metrics, and the one log line at the end.
 struct Call {
     method: &'static str,
     request_id: String,
     span: tracing::Span,
     started: Instant,
+    metrics: Arc<Metrics>,
 }
 
 impl Call {
-    fn start<T>(method: &'static str, request: &Request<T>) -> Self {
+    fn start<T>(method: &'static str, request: &Request<T>, metrics: &Arc<Metrics>) -> Self {
+        metrics.call_started(method);
         let request_id = request
             .metadata()
             .get("x-request-id")
@@ -143,15 +148,19 @@ impl Call {
             request_id,
             span,
             started: Instant::now(),
+            metrics: metrics.clone(),
         }
     }
 
     /// Logs the call and turns the result into the gRPC answer.
     fn finish<T>(self, result: Result<T>) -> Result<Response<T>, Status> {
         let _enter = self.span.enter();
-        let elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = self.started.elapsed();
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         match result {
             Ok(body) => {
+                self.metrics
+                    .call_finished(self.method, tonic::Code::Ok, elapsed);
                 tracing::info!(method = self.method, code = "OK", elapsed_ms, "call");
                 let mut response = Response::new(body);
                 if let Ok(v) = self.request_id.parse() {
@@ -161,6 +170,8 @@ impl Call {
             }
             Err(e) => {
                 let status = e.into_status(&self.request_id);
+                self.metrics
+                    .call_finished(self.method, status.code(), elapsed);
                 tracing::info!(
                     method = self.method,
                     code = ?status.code(),
@@ -181,7 +192,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = Call::start("CreateJob", &request);
+        let call = Call::start("CreateJob", &request, &self.state.metrics);
         let result = async {
             let caller = self.authenticate(&request)?;
             let msg = request.into_inner();
@@ -222,7 +233,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = Call::start("GetJob", &request);
+        let call = Call::start("GetJob", &request, &self.state.metrics);
         let result = async {
             let caller = self.authenticate(&request)?;
             let id = convert::parse_uuid("id", &request.get_ref().id)?;
@@ -237,7 +248,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::UpdateStatusRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = Call::start("UpdateStatus", &request);
+        let call = Call::start("UpdateStatus", &request, &self.state.metrics);
         let result = async {
             let caller = self.authenticate(&request)?;
             let msg = request.into_inner();
@@ -264,7 +275,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = Call::start("CancelJob", &request);
+        let call = Call::start("CancelJob", &request, &self.state.metrics);
         let result = async {
             let caller = self.authenticate(&request)?;
             let change = StatusChange {
@@ -287,7 +298,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::WaitJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = Call::start("WaitJob", &request);
+        let call = Call::start("WaitJob", &request, &self.state.metrics);
         let result = async {
             let caller = self.authenticate(&request)?;
             let msg = request.into_inner();
@@ -326,7 +337,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let call = Call::start("ListJobs", &request);
+        let call = Call::start("ListJobs", &request, &self.state.metrics);
         let result = async {
             let caller = self.authenticate(&request)?;
             let mut msg = request.into_inner();
@@ -368,7 +379,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::ListJobEventsRequest>,
     ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
-        let call = Call::start("ListJobEvents", &request);
+        let call = Call::start("ListJobEvents", &request, &self.state.metrics);
         let result = async {
             let caller = self.authenticate(&request)?;
             let msg = request.into_inner();
@@ -426,7 +437,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::StreamJobUpdatesRequest>,
     ) -> Result<Response<Self::StreamJobUpdatesStream>, Status> {
-        let call = Call::start("StreamJobUpdates", &request);
+        let call = Call::start("StreamJobUpdates", &request, &self.state.metrics);
         let request_id = call.request_id.clone();
         let result = async {
             let caller = self.authenticate(&request)?;
@@ -452,6 +463,7 @@ impl pb::job_service_server::JobService for JobSvc {
                 heartbeat: self.state.stream_heartbeat,
                 shutdown: self.state.shutdown.clone(),
                 request_id,
+                open: crate::metrics::GaugeGuard::new(&self.state.metrics.open_streams),
             }
             .spawn();
             Ok(Box::pin(ReceiverStream::new(rx)) as UpdateStream)
@@ -465,7 +477,7 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::JobStats>, Status> {
-        let call = Call::start("GetStats", &request);
+        let call = Call::start("GetStats", &request, &self.state.metrics);
         let result = async {
             let caller = self.authenticate(&request)?;
             let msg = request.into_inner();

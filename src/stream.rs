@@ -66,6 +66,8 @@ pub struct Stream {
     pub heartbeat: Duration,
     pub shutdown: watch::Receiver<bool>,
     pub request_id: String,
+    /// Counts the stream as open until the stream's task ends.
+    pub open: crate::metrics::GaugeGuard,
 }
 
 type Tx = mpsc::Sender<Result<pb::JobUpdate, Status>>;

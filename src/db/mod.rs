@@ -75,10 +75,21 @@ pub async fn migrate(database_url: &str) -> Result<()> {
     .map_err(|e| Error::Internal(Box::new(e)))?
 }
 
+/// Calls slower than this are logged and counted (`--slow-query-threshold`). Process-wide:
+/// one server per process in production; tests share the default.
+static SLOW: std::sync::OnceLock<(Duration, std::sync::Arc<crate::metrics::Metrics>)> =
+    std::sync::OnceLock::new();
+
+/// Sets the slow-call threshold and where slow calls are counted (the first call wins).
+pub fn set_slow_threshold(threshold: Duration, metrics: std::sync::Arc<crate::metrics::Metrics>) {
+    let _ = SLOW.set((threshold, metrics));
+}
+
 /// A connection checked out on behalf of one caller; see [`scoped`].
 pub struct Scoped {
     conn: PgConn,
     in_transaction: bool,
+    started: std::time::Instant,
 }
 
 /// Checks out a connection on behalf of `caller`.
@@ -118,6 +129,7 @@ pub async fn scoped_snapshot(pool: &PgPool, caller: &Caller) -> Result<Scoped> {
     Ok(Scoped {
         conn,
         in_transaction: true,
+        started: std::time::Instant::now(),
     })
 }
 
@@ -137,6 +149,7 @@ async fn begin_scoped(pool: &PgPool, caller: &Caller, custom_plans: bool) -> Res
     Ok(Scoped {
         conn,
         in_transaction,
+        started: std::time::Instant::now(),
     })
 }
 
@@ -145,8 +158,25 @@ impl Scoped {
         &mut self.conn
     }
 
-    /// Commits after success, rolls back after failure, and passes `result` on.
+    /// Commits after success, rolls back after failure, and passes `result` on. A call
+    /// slower than the threshold is logged (in the call's span: method and request id; never
+    /// the statement's values) and counted.
     pub async fn finish<T>(mut self, result: Result<T>) -> Result<T> {
+        let result = self.end(result).await;
+        let elapsed = self.started.elapsed();
+        if let Some((threshold, metrics)) = SLOW.get()
+            && elapsed >= *threshold
+        {
+            metrics.slow_queries.inc();
+            tracing::warn!(
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                "slow database call"
+            );
+        }
+        result
+    }
+
+    async fn end<T>(&mut self, result: Result<T>) -> Result<T> {
         if !self.in_transaction {
             return result;
         }

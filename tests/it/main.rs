@@ -6,6 +6,7 @@ mod foundation;
 mod harness;
 mod lifecycle;
 mod list;
+mod ops;
 mod stats;
 mod stream;
 mod stream_faults;

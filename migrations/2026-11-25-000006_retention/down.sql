@@ -1,0 +1,2 @@
+DROP FUNCTION jobs_prune_finished(job_status, interval, integer);
+DROP INDEX idx_jobs_finished;

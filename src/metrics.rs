@@ -1,0 +1,269 @@
+//! Prometheus metrics: one registry per server (no process-global recorder, so several
+//! servers in one process, as in the tests, each count only their own traffic), served as
+//! text on a separate port when `--metrics-listen` is set.
+//!
+//! The endpoint is a few lines of hyper (already in the tree through tonic) rather than a web
+//! framework: it answers every GET with the text exposition format.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub method: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric jobsvc exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<MethodLabels, Counter>,
+    pub responses: Family<CodeLabels, Counter>,
+    pub latency: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    pub open_streams: Gauge,
+    pub feed_delay: Histogram,
+    pub feed_lag_seconds: Gauge<f64, AtomicU64>,
+    pub feed_subscribers: Gauge,
+    pub pool_connections: Gauge,
+    pub pool_idle: Gauge,
+    pub pool_max: Gauge,
+    pub pool_waiting: Gauge,
+    pub jobs: Family<StatusLabels, Gauge>,
+    pub slow_queries: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("jobsvc");
+        let requests = Family::<MethodLabels, Counter>::default();
+        registry.register(
+            "rpc_requests",
+            "JobService calls started, by method",
+            requests.clone(),
+        );
+        let responses = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "rpc_responses",
+            "JobService calls answered, by method and gRPC code (OK included)",
+            responses.clone(),
+        );
+        let latency = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "Time from a call's arrival to its answer (for streams: to the stream's start)",
+            latency.clone(),
+        );
+        let open_streams = Gauge::default();
+        registry.register(
+            "open_streams",
+            "StreamJobUpdates streams open now",
+            open_streams.clone(),
+        );
+        let feed_delay = latency_histogram();
+        registry.register(
+            "feed_delay_seconds",
+            "From a change's statement start (updated_at) to its dispatch by this process's feed",
+            feed_delay.clone(),
+        );
+        let feed_lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "feed_lag_seconds",
+            "Delay of the last change the feed dispatched (0 when nothing waits)",
+            feed_lag_seconds.clone(),
+        );
+        let feed_subscribers = Gauge::default();
+        registry.register(
+            "feed_subscribers",
+            "Streams and waiters subscribed to the change feed now",
+            feed_subscribers.clone(),
+        );
+        let pool_connections = Gauge::default();
+        registry.register(
+            "pool_connections",
+            "Database connections open in the pool",
+            pool_connections.clone(),
+        );
+        let pool_idle = Gauge::default();
+        registry.register(
+            "pool_idle_connections",
+            "Pool connections not in use",
+            pool_idle.clone(),
+        );
+        let pool_max = Gauge::default();
+        registry.register(
+            "pool_max_connections",
+            "Largest pool size",
+            pool_max.clone(),
+        );
+        let pool_waiting = Gauge::default();
+        registry.register(
+            "pool_waiting_calls",
+            "Calls waiting for a pool connection",
+            pool_waiting.clone(),
+        );
+        let jobs = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "jobs",
+            "Jobs by status (all users), from the stats rollup",
+            jobs.clone(),
+        );
+        let slow_queries = Counter::default();
+        registry.register(
+            "slow_database_calls",
+            "Database calls slower than the slow-query threshold",
+            slow_queries.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            responses,
+            latency,
+            open_streams,
+            feed_delay,
+            feed_lag_seconds,
+            feed_subscribers,
+            pool_connections,
+            pool_idle,
+            pool_max,
+            pool_waiting,
+            jobs,
+            slow_queries,
+        }
+    }
+
+    /// A call started.
+    pub fn call_started(&self, method: &str) {
+        self.requests
+            .get_or_create(&MethodLabels {
+                method: method.into(),
+            })
+            .inc();
+    }
+
+    /// A call answered with `code` after `elapsed`.
+    pub fn call_finished(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+        self.responses
+            .get_or_create(&CodeLabels {
+                method: method.into(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&MethodLabels {
+                method: method.into(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets the five status gauges (all of them, zeros included).
+    pub fn set_jobs(&self, by_status: [(&str, i64); 5]) {
+        for (status, n) in by_status {
+            self.jobs
+                .get_or_create(&StatusLabels {
+                    status: status.into(),
+                })
+                .set(n);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Keeps a gauge raised while alive (an open stream), so it always returns to zero.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves the metrics as text on `listener` until `shutdown` flips.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                let body = metrics.render();
+                async move {
+                    http::Response::builder()
+                        .header(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
+                        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Binds the metrics port (so a bad address fails at start, not later).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}

@@ -1,0 +1,192 @@
+//! `jobsvc export` and `jobsvc import`: jobs as JSON lines, one `jobs` row per line with every
+//! column, exactly as PostgreSQL renders it (`row_to_json`) and reads it back
+//! (`jsonb_populate_recordset`), so a round trip changes nothing.
+//!
+//! Export reads one REPEATABLE READ snapshot in keyset pages by id (constant memory; a
+//! read-only transaction takes no transaction id, so it does not hold back the change feed)
+//! and can resume after the last id it wrote (`--after-id`). Import inserts in batches of one
+//! statement each, skipping rows whose id (or owner and request_id) already exists: running it
+//! again, or after an interruption, is safe and adds nothing twice. Inserted rows go through
+//! the triggers, so statistics and history stay exact.
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+use diesel_async::{AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::AsyncBufReadExt;
+use uuid::Uuid;
+
+use crate::domain::JobStatus;
+use crate::error::{Error, Result};
+
+/// Which jobs to export.
+#[derive(Debug, Clone, Default)]
+pub struct ExportFilter {
+    pub statuses: Vec<JobStatus>,
+    pub agent_identifier: Option<String>,
+    pub user: Option<Uuid>,
+    pub created_after: Option<chrono::DateTime<chrono::Utc>>,
+    pub created_before: Option<chrono::DateTime<chrono::Utc>>,
+    /// Resume: only ids after this one (the last line of an interrupted export).
+    pub after_id: Option<Uuid>,
+}
+
+const PAGE: i64 = 1000;
+
+#[derive(diesel::QueryableByName)]
+struct Line {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+    #[diesel(sql_type = Text)]
+    line: String,
+}
+
+fn progress(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} {pos} jobs ({per_sec}) {elapsed}")
+            .expect("a valid template"),
+    );
+    bar.set_prefix(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// Writes the matching jobs to `out`, one JSON object per line, in id order; returns how many.
+pub async fn export(
+    conn: &mut AsyncPgConnection,
+    filter: &ExportFilter,
+    out: &mut (dyn Write + Send),
+) -> Result<u64> {
+    let bar = progress("exported");
+    let mut written = 0u64;
+    let mut after = filter.after_id;
+    // The connection is the command's own: on an error it is dropped with its transaction.
+    conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    {
+        {
+            loop {
+                let page: Vec<Line> = diesel::sql_query(
+                    "SELECT j.id, row_to_json(j)::text AS line FROM jobs j \
+                     WHERE ($1::uuid IS NULL OR j.id > $1) \
+                       AND (cardinality($2::text[]) = 0 OR j.status::text = ANY($2)) \
+                       AND ($3::text IS NULL OR j.agent_identifier = $3) \
+                       AND ($4::uuid IS NULL OR j.user_id = $4) \
+                       AND ($5::timestamptz IS NULL OR j.created_at > $5) \
+                       AND ($6::timestamptz IS NULL OR j.created_at < $6) \
+                     ORDER BY j.id LIMIT $7",
+                )
+                .bind::<Nullable<diesel::sql_types::Uuid>, _>(after)
+                .bind::<diesel::sql_types::Array<Text>, _>(
+                    filter
+                        .statuses
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind::<Nullable<Text>, _>(filter.agent_identifier.as_deref())
+                .bind::<Nullable<diesel::sql_types::Uuid>, _>(filter.user)
+                .bind::<Nullable<Timestamptz>, _>(filter.created_after)
+                .bind::<Nullable<Timestamptz>, _>(filter.created_before)
+                .bind::<BigInt, _>(PAGE)
+                .load(conn)
+                .await?;
+                for row in &page {
+                    out.write_all(row.line.as_bytes())
+                        .and_then(|_| out.write_all(b"\n"))
+                        .map_err(|e| Error::Internal(Box::new(e)))?;
+                }
+                written += page.len() as u64;
+                bar.set_position(written);
+                match page.last() {
+                    Some(last) if page.len() as i64 == PAGE => after = Some(last.id),
+                    _ => break,
+                }
+            }
+            out.flush().map_err(|e| Error::Internal(Box::new(e)))?;
+        }
+    }
+    conn.batch_execute("COMMIT").await?;
+    bar.finish_and_clear();
+    Ok(written)
+}
+
+/// What an import did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Imported {
+    pub read: u64,
+    pub inserted: u64,
+    /// Lines whose job (by id, or by owner and request_id) already existed.
+    pub skipped: u64,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = BigInt)]
+    inserted: i64,
+}
+
+/// Reads JSON lines from `input` and inserts the jobs, `batch` per statement.
+pub async fn import(
+    conn: &mut AsyncPgConnection,
+    input: impl tokio::io::AsyncBufRead + Unpin,
+    batch: usize,
+) -> Result<Imported> {
+    let bar = progress("imported");
+    let mut lines = input.lines();
+    let mut done = Imported::default();
+    // The lines go to PostgreSQL as text, untouched: parsing them into serde_json values and
+    // back would round numbers (jsonb keeps numeric exactly, `2.50` stays `2.50`).
+    let mut pending: Vec<String> = Vec::with_capacity(batch);
+    let mut line_no = 0u64;
+    loop {
+        let line = lines
+            .next_line()
+            .await
+            .map_err(|e| Error::Internal(Box::new(e)))?;
+        if let Some(line) = &line {
+            line_no += 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let not_object =
+                || Error::Internal(format!("line {line_no}: not a JSON object").into());
+            if !line.trim_start().starts_with('{') {
+                return Err(not_object());
+            }
+            serde_json::from_str::<serde::de::IgnoredAny>(line).map_err(|_| not_object())?;
+            pending.push(line.clone());
+        }
+        if pending.len() >= batch || (line.is_none() && !pending.is_empty()) {
+            let n = pending.len() as u64;
+            let rows = format!("[{}]", pending.join(","));
+            pending.clear();
+            let inserted: Inserted = diesel::sql_query(
+                "WITH ins AS ( \
+                     INSERT INTO jobs SELECT * FROM jsonb_populate_recordset(NULL::jobs, $1::jsonb) \
+                     ON CONFLICT DO NOTHING RETURNING 1) \
+                 SELECT count(*) AS inserted FROM ins",
+            )
+            .bind::<Text, _>(rows)
+            .get_result(conn)
+            .await
+            .map_err(|e| {
+                Error::Internal(format!("lines up to {line_no}: {e}").into())
+            })?;
+            done.read += n;
+            done.inserted += inserted.inserted as u64;
+            done.skipped += n - inserted.inserted as u64;
+            bar.set_position(done.read);
+        }
+        if line.is_none() {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(done)
+}

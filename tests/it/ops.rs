@@ -1,0 +1,387 @@
+//! Operations: the metrics endpoint after known traffic, and TLS on the gRPC port.
+use std::time::Duration;
+
+use jobsvc::pb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use crate::harness::{Bearer, TestServer, eventually, fresh_database, service_token, shared_pg};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One GET of the metrics endpoint; the body.
+async fn scrape(port: u16) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// The value of the sample line `name{labels}` (labels as rendered), if present.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_report_known_traffic() {
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = TestServer::start_on(&url, &["--metrics-listen", &listen]).await;
+    let mut c = server.service().await;
+    for _ in 0..3 {
+        c.create_job(pb::CreateJobRequest {
+            agent_identifier: "m".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let missing = c
+        .get_job(pb::GetJobRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await;
+    assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+    let stream = c
+        .stream_job_updates(pb::StreamJobUpdatesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    let text = scrape(port).await;
+    assert_eq!(
+        sample(&text, r#"jobsvc_rpc_requests_total{method="CreateJob"}"#),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"jobsvc_rpc_responses_total{method="CreateJob",code="Ok"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"jobsvc_rpc_responses_total{method="GetJob",code="NotFound"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"jobsvc_rpc_duration_seconds_count{method="CreateJob"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(sample(&text, "jobsvc_open_streams"), Some(1.0));
+    assert_eq!(sample(&text, "jobsvc_pool_max_connections"), Some(8.0));
+    // Jobs by status come from the rollup, refreshed with the fold (every 5 s); every status
+    // is there, zeros included.
+    eventually(Duration::from_secs(15), "jobs gauges", || async {
+        let t = scrape(port).await;
+        sample(&t, r#"jobsvc_jobs{status="pending"}"#) == Some(3.0)
+            && sample(&t, r#"jobsvc_jobs{status="failed"}"#) == Some(0.0)
+    })
+    .await;
+    // A client that goes away is noticed at once: the gauge returns to zero.
+    drop(stream);
+    drop(c);
+    eventually(Duration::from_secs(2), "the stream to close", || async {
+        sample(&scrape(port).await, "jobsvc_open_streams") == Some(0.0)
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tls_serves_with_a_certificate_and_refuses_plaintext() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    let server = TestServer::start_on(
+        &url,
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem()))
+        .domain_name("localhost");
+    let channel =
+        tonic::transport::Channel::from_shared(format!("https://localhost:{}", server.addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("a TLS connection");
+    let mut c = pb::job_service_client::JobServiceClient::with_interceptor(
+        channel,
+        Bearer::new(Some(&service_token())),
+    );
+    let job = c
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: "tls".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a call over TLS")
+        .into_inner();
+    assert_eq!(job.version, 1);
+    // Plaintext HTTP/2 to the TLS port does not get through: the connection or the call fails.
+    let plain = tonic::transport::Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        let mut c = pb::job_service_client::JobServiceClient::with_interceptor(
+            channel,
+            Bearer::new(Some(&service_token())),
+        );
+        let err = c
+            .get_job(pb::GetJobRequest { id: job.id })
+            .await
+            .expect_err("plaintext is refused");
+        assert_ne!(err.code(), Code::Ok);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn retention_deletes_only_finished_jobs_past_their_age() {
+    use diesel_async::RunQueryDsl;
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    let mut conn = jobsvc::db::connect(&url).await.unwrap();
+    // (agent, status, finished how long ago, how many): 2,500 old completed jobs take three
+    // batches.
+    let rows = [
+        ("old-completed", "completed", "40 days", 2500),
+        ("new-completed", "completed", "1 day", 10),
+        ("old-failed", "failed", "100 days", 10),
+        ("old-cancelled", "cancelled", "2 days", 10),
+        ("old-pending", "pending", "", 10),
+        ("old-running", "running", "", 10),
+    ];
+    for (agent, status, ago, n) in rows {
+        let finished = if ago.is_empty() {
+            "NULL".to_string()
+        } else {
+            format!("now() - interval '{ago}'")
+        };
+        diesel::sql_query(format!(
+            "INSERT INTO jobs (agent_identifier, status, created_at, completed_at) \
+             SELECT '{agent}', '{status}', now() - interval '200 days', {finished} \
+             FROM generate_series(1, {n})"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let server = TestServer::start_on(
+        &url,
+        &[
+            "--retain-completed",
+            "30d",
+            "--retain-cancelled",
+            "1d",
+            "--retention-interval",
+            "200ms",
+        ],
+    )
+    .await;
+    #[derive(diesel::QueryableByName, Debug, PartialEq)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        agent_identifier: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let counts = || async {
+        let mut conn = jobsvc::db::connect(&url).await.unwrap();
+        diesel::sql_query("SELECT agent_identifier, count(*) AS n FROM jobs GROUP BY 1 ORDER BY 1")
+            .load::<Count>(&mut conn)
+            .await
+            .unwrap()
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the old finished jobs to go",
+        || async {
+            counts()
+                .await
+                .iter()
+                .all(|c| !c.agent_identifier.starts_with("old-c"))
+        },
+    )
+    .await;
+    let left: Vec<(String, i64)> = counts()
+        .await
+        .into_iter()
+        .map(|c| (c.agent_identifier, c.n))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            ("new-completed".to_string(), 10),
+            ("old-failed".to_string(), 10),
+            ("old-pending".to_string(), 10),
+            ("old-running".to_string(), 10),
+        ]
+    );
+    // The rollup followed the deletes: GetStats still agrees with the table.
+    let stats = server
+        .service()
+        .await
+        .get_stats(pb::GetStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((stats.total, stats.completed, stats.cancelled), (40, 10, 0));
+    server.stop().await;
+}
+
+/// `jobsvc export` then `jobsvc import` into an empty database, then export again: the two
+/// files are byte for byte the same, importing twice adds nothing, statistics agree, and an
+/// export resumed after an id continues exactly there.
+#[tokio::test]
+async fn export_and_import_round_trip_100000_jobs() {
+    use diesel_async::RunQueryDsl;
+    use std::process::Stdio;
+    let pg = shared_pg().await;
+    let (a, b) = (fresh_database(&pg).await, fresh_database(&pg).await);
+    let mut conn = jobsvc::db::connect(&a).await.unwrap();
+    // Every shape: owners and none, each status, nested and non-ASCII JSON, results, errors,
+    // request ids, NULL timestamps, versions above 1.
+    diesel::sql_query(
+        "INSERT INTO jobs (user_id, agent_identifier, status, job_data, result, error_message,
+                           created_at, started_at, completed_at, request_id)
+         SELECT CASE WHEN i % 3 = 0 THEN NULL ELSE md5(i::text)::uuid END,
+                'agent-' || (i % 7),
+                (ARRAY['pending','running','completed','failed','cancelled']::job_status[])[1 + i % 5],
+                jsonb_build_object('i', i, 'nested', jsonb_build_object('arr', jsonb_build_array(i, 'x', NULL, 1.5)),
+                                   'text', 'ünïcødé ✓ \"quoted\" \\\\ back'),
+                CASE WHEN i % 5 = 2 THEN to_jsonb(i * 1.25) END,
+                CASE WHEN i % 5 = 3 THEN 'boom ' || i END,
+                now() - make_interval(secs => i),
+                CASE WHEN i % 5 IN (1, 2) THEN now() - make_interval(secs => i) + interval '1 second' END,
+                CASE WHEN i % 5 IN (2, 3, 4) THEN now() - make_interval(secs => i) + interval '2.123456 seconds' END,
+                CASE WHEN i % 11 = 0 THEN 'req-' || i END
+         FROM generate_series(1, 100000) AS i",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    diesel::sql_query(
+        "UPDATE jobs SET job_data = job_data || '{\"touched\": true}' WHERE agent_identifier = 'agent-3'",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let jobsvc = env!("CARGO_BIN_EXE_jobsvc");
+    let export = |url: String, extra: Vec<String>| async move {
+        let out = tokio::process::Command::new(jobsvc)
+            .args(["export", "--database-url", &url])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let import = |url: String, input: Vec<u8>| async move {
+        let mut child = tokio::process::Command::new(jobsvc)
+            .args(["import", "--database-url", &url])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            stdin.write_all(&input).await.unwrap();
+        });
+        let out = child.wait_with_output().await.unwrap();
+        writer.await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stderr).unwrap()
+    };
+
+    let first = export(a.clone(), vec![]).await;
+    assert_eq!(first.iter().filter(|&&c| c == b'\n').count(), 100_000);
+    let said = import(b.clone(), first.clone()).await;
+    assert!(said.contains("100000 inserted, 0 already there"), "{said}");
+    let again = import(b.clone(), first.clone()).await;
+    assert!(
+        again.contains("0 inserted, 100000 already there"),
+        "{again}"
+    );
+    let second = export(b.clone(), vec![]).await;
+    assert!(first == second, "the round trip changed the data");
+
+    // Statistics (from the rollup the insert triggers keep) agree.
+    #[derive(diesel::QueryableByName, PartialEq, Debug)]
+    struct Stats {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        s: String,
+    }
+    let stats = |url: String| async move {
+        let mut c = jobsvc::db::connect(&url).await.unwrap();
+        diesel::sql_query("SELECT row_to_json(v)::text AS s FROM job_stats v")
+            .get_result::<Stats>(&mut c)
+            .await
+            .unwrap()
+    };
+    assert_eq!(stats(a.clone()).await, stats(b.clone()).await);
+
+    // Resuming after the 50,000th id continues exactly there.
+    let text = String::from_utf8(first).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let id: serde_json::Value = serde_json::from_str(lines[49_999]).unwrap();
+    let rest = export(
+        a,
+        vec!["--after-id".into(), id["id"].as_str().unwrap().into()],
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8(rest).unwrap(),
+        lines[50_000..].join("\n") + "\n"
+    );
+}
