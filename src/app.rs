@@ -236,6 +236,7 @@ pub async fn run_server(
     .await?;
     let state = Arc::new(AppState {
         pool,
+        database_url: database_url.into(),
         auth: Authenticator::new(secret, args.jwt_leeway),
         limits: JsonLimits {
             max_bytes: args.max_job_data_bytes,

@@ -32,7 +32,7 @@ use crate::convert;
 use crate::db::events::{self, EventRow, Position};
 use crate::db::{self, PgPool};
 use crate::domain::JobStatus;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pb;
 use crate::tokens::TokenKey;
 
@@ -45,6 +45,9 @@ pub const READ_LIMIT: i64 = 1000;
 /// again after this, doubling up to the poll interval.
 const PENDING_RECHECK: Duration = Duration::from_millis(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// A read of the history that takes longer is abandoned with its connection (a half-open
+/// connection would otherwise freeze the feed until TCP gives up).
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The first prune runs this long after start, then every `PRUNE_INTERVAL`.
 const PRUNE_FIRST: Duration = Duration::from_secs(60);
@@ -442,8 +445,39 @@ async fn drain(
         // With nobody subscribed, only the horizon matters: a new subscriber always starts
         // from the history, never from what the reader held.
         let idle = feed.registry.lock().unwrap().entries.is_empty();
-        let read = events::read(c, at, if idle { 0 } else { READ_LIMIT }, None).await?;
-        let full = !idle && read.events.len() as i64 == READ_LIMIT;
+        let limit = if idle { 0 } else { READ_LIMIT };
+        let read = tokio::time::timeout(READ_TIMEOUT, events::read(c, at, limit, None))
+            .await
+            .map_err(|_| Error::Unavailable("change feed read timed out".into()))??;
+        if read.horizon < at.xid {
+            // The database's transaction ids went back (a restore, a failover to a replica
+            // that was behind): positions from the old timeline mean nothing here.
+            tracing::warn!(
+                horizon = read.horizon,
+                position = at.xid,
+                "change feed: the database's transaction ids went back; restarting at its horizon"
+            );
+            at = Position::below(read.horizon);
+            position_tx.send_replace(at);
+            continue;
+        }
+        if idle {
+            let registry = feed.registry.lock().unwrap();
+            if !registry.entries.is_empty() {
+                // Someone subscribed during the read: its events must be dispatched.
+                continue;
+            }
+            // Published under the lock, so a subscriber that comes next starts from the
+            // history at or after this point.
+            let end = at.max(Position::below(read.horizon));
+            if end > at {
+                position_tx.send_replace(end);
+            }
+            feed.metrics.feed_lag_seconds.set(0.0);
+            feed.metrics.feed_subscribers.set(0);
+            return Ok(read.pending);
+        }
+        let full = read.events.len() as i64 == READ_LIMIT;
         let end = match read.events.last() {
             Some(last) if full => last.position(),
             _ => at.max(Position::below(read.horizon)),

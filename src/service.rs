@@ -35,6 +35,8 @@ const CAS_ATTEMPTS: usize = 5;
 /// Everything a call needs, shared by all calls.
 pub struct AppState {
     pub pool: PgPool,
+    /// For connections outside the pool (a stream's snapshot).
+    pub database_url: Arc<str>,
     pub auth: Authenticator,
     pub limits: JsonLimits,
     /// Signs page and resume tokens.
@@ -456,6 +458,7 @@ impl pb::job_service_server::JobService for JobSvc {
             };
             let rx = stream::Stream {
                 pool: self.state.pool.clone(),
+                database_url: self.state.database_url.clone(),
                 feed: self.state.feed.clone(),
                 caller,
                 filter,
@@ -465,7 +468,8 @@ impl pb::job_service_server::JobService for JobSvc {
                 request_id,
                 open: crate::metrics::GaugeGuard::new(&self.state.metrics.open_streams),
             }
-            .spawn();
+            .start()
+            .await?;
             Ok(Box::pin(ReceiverStream::new(rx)) as UpdateStream)
         }
         .instrument(call.span.clone())

@@ -31,6 +31,10 @@ use crate::pb::job_update::Event as Update;
 
 /// Messages buffered between a stream's task and tonic.
 const CHANNEL_CAPACITY: usize = 16;
+/// A client that reads none of the initial snapshot for this long ends its stream.
+const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
+/// How long the last message (the error that ends a stream) waits for a slow client.
+const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Jobs per statement of the initial snapshot.
 const SNAPSHOT_PAGE: i64 = 500;
 /// At most this many `job_ids` in one request.
@@ -59,6 +63,8 @@ pub enum Start {
 /// Everything one stream needs.
 pub struct Stream {
     pub pool: PgPool,
+    /// For the snapshot of `include_existing`, read on a connection of its own.
+    pub database_url: Arc<str>,
     pub feed: Arc<Feed>,
     pub caller: Caller,
     pub filter: StreamFilter,
@@ -72,16 +78,16 @@ pub struct Stream {
 
 type Tx = mpsc::Sender<Result<pb::JobUpdate, Status>>;
 
-/// Checks a resume position against the pruned history: OUT_OF_RANGE when events after it
-/// may be gone.
+/// Checks a resume position against the kept history: OUT_OF_RANGE when events after it
+/// may be gone, or when it is not a position of this database's history at all.
 pub async fn check_resumable(pool: &PgPool, at: Position) -> Result<()> {
     let mut conn = pool.get().await?;
-    let pruned = events::pruned_through(&mut conn).await?;
-    if at < pruned {
+    let (pruned, next_xid) = events::resumable_range(&mut conn).await?;
+    if at < pruned || at.xid > next_xid {
         return Err(Error::OutOfRange {
             reason: "RESUME_TOKEN_EXPIRED",
-            message: "resume_token is older than the kept history; list the jobs again and \
-                      start a new stream without a token"
+            message: "resume_token is older than the kept history (or from another database); \
+                      list the jobs again and start a new stream without a token"
                 .into(),
         });
     }
@@ -89,13 +95,29 @@ pub async fn check_resumable(pool: &PgPool, at: Position) -> Result<()> {
 }
 
 impl Stream {
-    /// Starts the stream's task; the receiver is the gRPC response stream.
-    pub fn spawn(self) -> mpsc::Receiver<Result<pb::JobUpdate, Status>> {
+    /// Subscribes (and, starting from now, takes the snapshot that defines "now") before the
+    /// call answers, then runs the stream in its own task; the receiver is the gRPC response
+    /// stream.
+    pub async fn start(self) -> Result<mpsc::Receiver<Result<pb::JobUpdate, Status>>> {
+        let (sub, published) = self.feed.subscribe(self.filter.clone());
+        let mut state = Cursor {
+            at: published,
+            skip: None,
+        };
+        if let Start::Now = self.start {
+            // "From now" is exact: a change committed before this call is skipped even if
+            // the feed has not published it yet; one committed after the call returned is
+            // always delivered.
+            let mut conn = self.pool.get().await?;
+            let snapshot = events::snapshot(&mut conn).await?;
+            state.advance(Position::below(snapshot.xmin));
+            state.skip = Some(snapshot);
+        }
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         tokio::spawn(async move {
             let request_id = self.request_id.clone();
             let result = tokio::select! {
-                r = self.run(&tx) => r,
+                r = self.run(&tx, sub, state) => r,
                 // The client went away: stop at once, whatever the task was waiting for.
                 _ = tx.closed() => Ok(()),
             };
@@ -103,28 +125,19 @@ impl Stream {
                 Ok(()) => tracing::debug!(request_id, "stream ended"),
                 Err(e) => {
                     tracing::info!(request_id, reason = e.reason(), "stream ended with error");
-                    let _ = tx.send(Err(e.into_status(&request_id))).await;
+                    // A client that does not read does not keep the task.
+                    let _ = tx
+                        .send_timeout(Err(e.into_status(&request_id)), FINAL_SEND_TIMEOUT)
+                        .await;
                 }
             }
         });
-        rx
+        Ok(rx)
     }
 
-    async fn run(self, tx: &Tx) -> Result<()> {
-        let (mut sub, published) = self.feed.subscribe(self.filter.clone());
-        let mut state = Cursor {
-            at: published,
-            skip: None,
-        };
+    async fn run(self, tx: &Tx, mut sub: Subscription, mut state: Cursor) -> Result<()> {
         match self.start {
-            Start::Now => {
-                // "From now" is exact: changes committed before this call are skipped even
-                // if the feed has not published them yet.
-                let mut conn = self.pool.get().await?;
-                let snapshot = events::snapshot(&mut conn).await?;
-                state.advance(Position::below(snapshot.xmin));
-                state.skip = Some(snapshot);
-            }
+            Start::Now => {}
             Start::Existing => {
                 let snapshot = self.send_existing(tx).await?;
                 // Everything below xmin is in the snapshot; above it, what the snapshot sees.
@@ -134,6 +147,8 @@ impl Stream {
             Start::Resume(at) => {
                 state.at = at;
                 self.catch_up(tx, &mut state).await?;
+                // A prune between the call's check and the first read would leave a gap.
+                check_resumable(&self.pool, at).await?;
             }
         }
         self.send(tx, Update::Synced(pb::StreamSynced {}), &state)
@@ -190,38 +205,57 @@ impl Stream {
         Ok(())
     }
 
-    /// Sends the matching jobs as they are in one snapshot; returns that snapshot.
+    /// Sends the matching jobs as they are in one snapshot; returns that snapshot. The
+    /// snapshot's transaction runs on a connection of its own, not the pool's (a client that
+    /// reads slowly must not hold a pooled connection), and a client that stops reading for
+    /// `SNAPSHOT_STALL` ends the stream rather than keep that transaction open.
     async fn send_existing(&self, tx: &Tx) -> Result<Snapshot> {
-        let mut db = db::scoped_snapshot(&self.pool, &self.caller).await?;
-        let result = async {
-            let snapshot = events::snapshot(db.conn()).await?;
-            let filter = jobs_filter(&self.filter);
-            let mut after = None;
-            loop {
-                let page = events::existing_jobs(db.conn(), &filter, after, SNAPSHOT_PAGE).await?;
-                let full = page.len() as i64 == SNAPSHOT_PAGE;
-                after = page.last().map(|j| j.id);
-                for job in page {
-                    let update = pb::JobUpdate {
-                        resume_token: String::new(),
-                        event: Some(Update::Job(crate::convert::job_to_pb(job))),
-                    };
-                    tx.send(Ok(update)).await.map_err(|_| client_gone())?;
-                }
-                if !full {
-                    return Ok(snapshot);
+        use diesel_async::SimpleAsyncConnection;
+        let mut conn = db::connect(&self.database_url).await?;
+        conn.batch_execute(&db::snapshot_begin_sql(&self.caller))
+            .await?;
+        let snapshot = events::snapshot(&mut conn).await?;
+        let filter = jobs_filter(&self.filter);
+        let mut after = None;
+        loop {
+            let page = events::existing_jobs(&mut conn, &filter, after, SNAPSHOT_PAGE).await?;
+            let full = page.len() as i64 == SNAPSHOT_PAGE;
+            after = page.last().map(|j| j.id);
+            for job in page {
+                let update = pb::JobUpdate {
+                    resume_token: String::new(),
+                    event: Some(Update::Job(crate::convert::job_to_pb(job))),
+                };
+                match tx.send_timeout(Ok(update), SNAPSHOT_STALL).await {
+                    Ok(()) => {}
+                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                        return Err(Error::ResourceExhausted {
+                            reason: "STREAM_TOO_SLOW",
+                            message: format!(
+                                "the client read nothing of the initial jobs for {}s; read \
+                                 the stream continuously, or narrow the filter",
+                                SNAPSHOT_STALL.as_secs()
+                            ),
+                        });
+                    }
+                    Err(mpsc::error::SendTimeoutError::Closed(_)) => return Err(client_gone()),
                 }
             }
+            if !full {
+                conn.batch_execute("COMMIT").await?;
+                return Ok(snapshot);
+            }
         }
-        .await;
-        db.finish(result).await
     }
 
-    /// Reads the history from the cursor up to the horizon, sending what matches.
+    /// Reads the history from the cursor up to the horizon, sending what matches. The pooled
+    /// connection is given back before each page is sent.
     async fn catch_up(&self, tx: &Tx, state: &mut Cursor) -> Result<()> {
-        let mut conn = self.pool.get().await?;
         loop {
-            let read = events::read(&mut conn, state.at, READ_LIMIT, self.filter.user).await?;
+            let read = {
+                let mut conn = self.pool.get().await?;
+                events::read(&mut conn, state.at, READ_LIMIT, self.filter.user).await?
+            };
             let full = read.events.len() as i64 == READ_LIMIT;
             for row in read.events {
                 self.offer(tx, &Event::new(row, &self.feed.tokens), state)

@@ -168,6 +168,8 @@ BEGIN
                bool_and(occurred_at < now() - p_retention)
                    OVER (ORDER BY feed_xid, seq) AS all_old
         FROM (SELECT feed_xid, seq, occurred_at FROM job_events
+              -- Never past the horizon: readers may not have seen what is above it.
+              WHERE feed_xid < pg_snapshot_xmin(pg_current_snapshot())
               ORDER BY feed_xid, seq LIMIT p_max_rows) head
     ) s
     WHERE all_old

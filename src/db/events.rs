@@ -87,10 +87,10 @@ struct ReadRow {
     agent_identifier: Option<String>,
     #[diesel(sql_type = Nullable<crate::db::schema::sql_types::JobStatus>)]
     status: Option<JobStatus>,
-    #[diesel(sql_type = Nullable<diesel::sql_types::Jsonb>)]
-    job_data: Option<serde_json::Value>,
-    #[diesel(sql_type = Nullable<diesel::sql_types::Jsonb>)]
-    result: Option<serde_json::Value>,
+    #[diesel(sql_type = Nullable<Text>)]
+    job_data: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    result: Option<String>,
     #[diesel(sql_type = Nullable<Text>)]
     error_message: Option<String>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
@@ -105,6 +105,16 @@ struct ReadRow {
     version: Option<i64>,
 }
 
+/// jsonb as text to JSON. jsonb holds what serde_json cannot (numbers beyond f64, nesting
+/// deeper than 128, both writable by plain SQL); one such row must not stop the feed for
+/// everyone, so it is delivered with a marker in place of the value, and logged.
+fn lenient_json(text: &str, column: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| {
+        tracing::warn!(column, error = %e, "change feed: a value cannot be represented as JSON");
+        serde_json::json!({ "jobsvc_error": format!("{column} cannot be represented as JSON") })
+    })
+}
+
 impl ReadRow {
     fn into_event(self) -> Option<EventRow> {
         Some(EventRow {
@@ -116,8 +126,8 @@ impl ReadRow {
                 user_id: self.user_id,
                 agent_identifier: self.agent_identifier?,
                 status: self.status?,
-                job_data: self.job_data,
-                result: self.result,
+                job_data: self.job_data.map(|t| lenient_json(&t, "job_data")),
+                result: self.result.map(|t| lenient_json(&t, "result")),
                 error_message: self.error_message,
                 created_at: self.created_at?,
                 updated_at: self.updated_at?,
@@ -144,7 +154,8 @@ FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
 LEFT JOIN LATERAL (
     SELECT e.feed_xid::text::int8 AS feed_xid, e.seq, e.writer_xid::text::int8 AS writer_xid,
            e.job_id AS id, e.user_id,
-           e.agent_identifier, e.status, e.job_data, e.result, e.error_message, e.created_at,
+           e.agent_identifier, e.status, e.job_data::text AS job_data, e.result::text AS result,
+           e.error_message, e.created_at,
            e.updated_at, e.started_at, e.completed_at, e.version
     FROM job_events e
     WHERE (e.feed_xid, e.seq) > ($1::text::xid8, $2) AND e.feed_xid < h.horizon {user}
@@ -306,18 +317,26 @@ struct PrunedRow {
     feed_xid: i64,
     #[diesel(sql_type = BigInt)]
     seq: i64,
+    #[diesel(sql_type = BigInt)]
+    next_xid: i64,
 }
 
-/// The pruning watermark: a resume point below it cannot be served.
-pub async fn pruned_through(conn: &mut AsyncPgConnection) -> Result<Position> {
-    let row: PrunedRow =
-        diesel::sql_query("SELECT feed_xid::text::int8 AS feed_xid, seq FROM job_events_pruned")
-            .get_result(conn)
-            .await?;
-    Ok(Position {
+/// The range a resume point must lie in: not below the pruning watermark (those events may
+/// be gone), and not beyond the database's next transaction id (a token from another
+/// timeline, e.g. from before a restore).
+pub async fn resumable_range(conn: &mut AsyncPgConnection) -> Result<(Position, i64)> {
+    let row: PrunedRow = diesel::sql_query(
+        "SELECT feed_xid::text::int8 AS feed_xid, seq, \
+                pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS next_xid \
+         FROM job_events_pruned",
+    )
+    .get_result(conn)
+    .await?;
+    let pruned = Position {
         xid: row.feed_xid,
         seq: row.seq,
-    })
+    };
+    Ok((pruned, row.next_xid))
 }
 
 #[derive(diesel::QueryableByName)]
@@ -354,8 +373,9 @@ pub struct HistoryRow {
     pub error_message: Option<String>,
 }
 
-/// A page of one job's history, oldest first, after version `after`. `scope` adds
-/// `user_id = scope` (isolation in the application as well as in row-level security).
+/// A page of one job's history, oldest first, after version `after`: only while the job
+/// exists and, with `scope`, belongs to that user now (isolation in the application as well
+/// as in row-level security).
 pub async fn history(
     conn: &mut AsyncPgConnection,
     scope: Option<Uuid>,
@@ -365,7 +385,8 @@ pub async fn history(
 ) -> Result<Vec<HistoryRow>> {
     Ok(diesel::sql_query(
         "SELECT version, status, occurred_at, error_message FROM job_events \
-         WHERE job_id = $1 AND version > $2 AND ($3::uuid IS NULL OR user_id = $3) \
+         WHERE job_id = $1 AND version > $2 \
+           AND EXISTS (SELECT 1 FROM jobs j WHERE j.id = $1 AND ($3::uuid IS NULL OR j.user_id = $3)) \
          ORDER BY version LIMIT $4",
     )
     .bind::<diesel::sql_types::Uuid, _>(job_id)

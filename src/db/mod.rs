@@ -115,22 +115,15 @@ pub async fn scoped_with_custom_plans(pool: &PgPool, caller: &Caller) -> Result<
     begin_scoped(pool, caller, true).await
 }
 
-/// Like [`scoped`], but always in a REPEATABLE READ, READ ONLY transaction: every statement
-/// reads the same snapshot (for a stream's snapshot of the existing jobs, paged through in
-/// several statements and matched against the feed by that snapshot).
-pub async fn scoped_snapshot(pool: &PgPool, caller: &Caller) -> Result<Scoped> {
+/// `BEGIN` of a REPEATABLE READ, READ ONLY transaction on behalf of `caller` (with the
+/// PostgREST-style settings for a user): every statement of it reads one snapshot. For a
+/// connection of its own (a stream's snapshot of the existing jobs).
+pub fn snapshot_begin_sql(caller: &Caller) -> String {
     const BEGIN: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
-    let mut conn = pool.get().await?;
-    let sql = match caller.role() {
+    match caller.role() {
         Role::Service => BEGIN.to_owned(),
         Role::User(user) => rls_begin_sql(user).replacen("BEGIN", BEGIN, 1),
-    };
-    AnsiTransactionManager::begin_transaction_sql(&mut *conn, &sql).await?;
-    Ok(Scoped {
-        conn,
-        in_transaction: true,
-        started: std::time::Instant::now(),
-    })
+    }
 }
 
 async fn begin_scoped(pool: &PgPool, caller: &Caller, custom_plans: bool) -> Result<Scoped> {

@@ -424,6 +424,135 @@ async fn resume_tokens_are_checked() {
         })
         .await;
     assert_err(err, Code::OutOfRange, "RESUME_TOKEN_EXPIRED");
+    // A well-signed position this database never reached (a token from before a restore,
+    // or from another database) is out of range too, not silently waited for.
+    let future = jobsvc::tokens::TokenKey::derive(crate::harness::SECRET.as_bytes()).resume_token(
+        jobsvc::db::events::Position {
+            xid: 1 << 40,
+            seq: 1,
+        },
+    );
+    let err = c
+        .stream_job_updates(pb::StreamJobUpdatesRequest {
+            resume_token: future,
+            ..Default::default()
+        })
+        .await;
+    assert_err(err, Code::OutOfRange, "RESUME_TOKEN_EXPIRED");
+    server.stop().await;
+}
+
+/// jsonb holds values JSON libraries cannot (a number beyond f64, written by plain SQL): such
+/// a row is delivered with a marker and does not stop the feed for the changes after it.
+#[tokio::test]
+async fn an_unrepresentable_value_does_not_stop_the_feed() {
+    let server = TestServer::start().await;
+    let mut c = server.service().await;
+    let mut stream = open(&mut c, Default::default()).await;
+    until_synced(&mut stream).await;
+    let mut conn = sql(&server.db_url).await;
+    diesel::sql_query(
+        "INSERT INTO jobs (agent_identifier, job_data) VALUES ('huge', '{\"x\": 1e400}')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let after = c.create_job(create("after")).await.unwrap().into_inner();
+    let got = collect_until(&mut stream, |v| v.len() == 2).await;
+    assert_eq!(got[0].0.agent_identifier, "huge");
+    let marker = &got[0].0.job_data.as_ref().unwrap().fields;
+    assert!(marker.contains_key("jobsvc_error"), "{marker:?}");
+    assert_eq!(got[1].0, after);
+    server.stop().await;
+}
+
+/// Streams whose clients do not read never hold pooled connections: with more such
+/// `include_existing` streams than the pool has connections, other calls still answer.
+#[tokio::test]
+async fn streams_that_are_not_read_do_not_starve_other_calls() {
+    let server = TestServer::start().await;
+    let mut c = server.service().await;
+    let mut conn = sql(&server.db_url).await;
+    diesel::sql_query(
+        "INSERT INTO jobs (agent_identifier, job_data) \
+         SELECT 'big', jsonb_build_object('pad', repeat('x', 4000)) FROM generate_series(1, 1500)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..12 {
+        // 12 streams (the pool has 8 connections), each with 6 MB to send, none read.
+        let mut s = server.service().await;
+        idle.push(
+            s.stream_job_updates(pb::StreamJobUpdatesRequest {
+                include_existing: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+        );
+    }
+    let job = c.create_job(create("probe")).await.unwrap().into_inner();
+    for _ in 0..20 {
+        let got = timeout(
+            Duration::from_secs(5),
+            c.get_job(pb::GetJobRequest { id: job.id.clone() }),
+        )
+        .await
+        .expect("answered while the streams stall")
+        .unwrap();
+        assert_eq!(got.into_inner().id, job.id);
+    }
+    drop(idle);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn history_follows_the_jobs_current_owner_and_existence() {
+    let server = TestServer::start().await;
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut a = server.user(alice).await;
+    let job = a.create_job(create("h")).await.unwrap().into_inner();
+    let req = || pb::ListJobEventsRequest {
+        job_id: job.id.clone(),
+        ..Default::default()
+    };
+    assert_eq!(
+        a.list_job_events(req())
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+            .len(),
+        1
+    );
+    // Given to Bob by plain SQL: Alice no longer reads its history.
+    let mut conn = sql(&server.db_url).await;
+    diesel::sql_query(format!(
+        "UPDATE jobs SET user_id = '{bob}' WHERE id = '{}'",
+        job.id
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_err(
+        a.list_job_events(req()).await,
+        Code::NotFound,
+        "JOB_NOT_FOUND",
+    );
+    // Deleted: nobody does.
+    diesel::sql_query(format!("DELETE FROM jobs WHERE id = '{}'", job.id))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut svc = server.service().await;
+    assert_err(
+        svc.list_job_events(req()).await,
+        Code::NotFound,
+        "JOB_NOT_FOUND",
+    );
     server.stop().await;
 }
 
