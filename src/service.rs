@@ -451,9 +451,9 @@ impl pb::job_service_server::JobService for JobSvc {
                 "" if msg.include_existing => Start::Existing,
                 "" => Start::Now,
                 token => {
-                    let at = self.state.tokens.open_resume_token(token)?;
+                    let (at, skip) = self.state.tokens.open_resume_token(token)?;
                     stream::check_resumable(&self.state.pool, at).await?;
-                    Start::Resume(at)
+                    Start::Resume(at, skip)
                 }
             };
             let rx = stream::Stream {

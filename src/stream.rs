@@ -53,11 +53,12 @@ fn jobs_filter(f: &Filter) -> JobsFilter {
 }
 
 /// Where a stream starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Start {
     Now,
     Existing,
-    Resume(Position),
+    /// From a resume token: its position, and the snapshot it still skips, if any.
+    Resume(Position, Option<Snapshot>),
 }
 
 /// Everything one stream needs.
@@ -144,8 +145,9 @@ impl Stream {
                 state.advance(Position::below(snapshot.xmin));
                 state.skip = Some(snapshot);
             }
-            Start::Resume(at) => {
+            Start::Resume(at, ref skip) => {
                 state.at = at;
+                state.skip = skip.clone();
                 self.catch_up(tx, &mut state).await?;
                 // A prune between the call's check and the first read would leave a gap.
                 check_resumable(&self.pool, at).await?;
@@ -279,7 +281,14 @@ impl Stream {
             return Ok(false);
         }
         let update = pb::JobUpdate {
-            resume_token: event.resume_token.clone(),
+            // While the stream skips its snapshot, its tokens must carry that snapshot.
+            resume_token: match &state.skip {
+                None => event.resume_token.clone(),
+                Some(skip) => self
+                    .feed
+                    .tokens
+                    .resume_token_with_skip(event.position, Some(skip)),
+            },
             event: Some(Update::Job(event.job.clone())),
         };
         tx.send(Ok(update)).await.map_err(|_| client_gone())?;
@@ -288,7 +297,10 @@ impl Stream {
 
     async fn send(&self, tx: &Tx, event: Update, state: &Cursor) -> Result<()> {
         let update = pb::JobUpdate {
-            resume_token: self.feed.tokens.resume_token(state.at),
+            resume_token: self
+                .feed
+                .tokens
+                .resume_token_with_skip(state.at, state.skip.as_ref()),
             event: Some(event),
         };
         tx.send(Ok(update)).await.map_err(|_| client_gone())

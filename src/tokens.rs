@@ -12,7 +12,7 @@ use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::db::events::Position;
+use crate::db::events::{Position, Snapshot};
 use crate::error::{Error, Result};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
@@ -21,8 +21,14 @@ const TAG_LEN: usize = 16;
 const KIND_PAGE: u8 = 1;
 const KIND_RESUME: u8 = 2;
 const KIND_EVENTS_PAGE: u8 = 3;
-/// Longest token accepted before decoding anything (a page token is 76 characters).
-const MAX_TOKEN_CHARS: usize = 512;
+const KIND_RESUME_SNAPSHOT: u8 = 4;
+/// A resume token carries at most this many in-progress xids of its snapshot; a larger
+/// snapshot (rare: that many concurrent writers) is left out, and resuming may then repeat
+/// changes the stream's snapshot already showed (at least once, as the contract allows).
+const MAX_SNAPSHOT_XIDS: usize = 64;
+/// Longest token accepted before decoding anything (a page token is 76 characters, a resume
+/// token with a full snapshot about 770).
+const MAX_TOKEN_CHARS: usize = 1024;
 
 /// Signs and verifies tokens.
 #[derive(Clone)]
@@ -128,8 +134,27 @@ impl TokenKey {
         self.seal(&payload)
     }
 
-    /// The position of a resume token (not yet checked against the pruned history).
-    pub fn open_resume_token(&self, token: &str) -> Result<Position> {
+    /// A stream position plus the snapshot whose changes the stream already showed (its
+    /// initial jobs, or "now"), while that still matters: resuming skips them too.
+    pub fn resume_token_with_skip(&self, at: Position, skip: Option<&Snapshot>) -> String {
+        let Some(s) = skip.filter(|s| s.in_progress.len() <= MAX_SNAPSHOT_XIDS) else {
+            return self.resume_token(at);
+        };
+        let mut payload = Vec::with_capacity(35 + 8 * s.in_progress.len());
+        payload.push(KIND_RESUME_SNAPSHOT);
+        for v in [at.xid, at.seq, s.xmin, s.xmax] {
+            payload.extend_from_slice(&v.to_be_bytes());
+        }
+        payload.extend_from_slice(&(s.in_progress.len() as u16).to_be_bytes());
+        for x in &s.in_progress {
+            payload.extend_from_slice(&x.to_be_bytes());
+        }
+        self.seal(&payload)
+    }
+
+    /// The position of a resume token, and the snapshot to keep skipping if it carries one
+    /// (not yet checked against the pruned history).
+    pub fn open_resume_token(&self, token: &str) -> Result<(Position, Option<Snapshot>)> {
         let invalid = || {
             Error::invalid(
                 "resume_token",
@@ -138,15 +163,43 @@ impl TokenKey {
             )
         };
         let payload = self.open(token).ok_or_else(invalid)?;
-        if payload.len() != 17 || payload[0] != KIND_RESUME {
+        let word = |i: usize| -> Option<i64> {
+            Some(i64::from_be_bytes(payload.get(i..i + 8)?.try_into().ok()?))
+        };
+        let (at, skip) = match payload.first() {
+            Some(&KIND_RESUME) if payload.len() == 17 => (
+                Position {
+                    xid: word(1).ok_or_else(invalid)?,
+                    seq: word(9).ok_or_else(invalid)?,
+                },
+                None,
+            ),
+            Some(&KIND_RESUME_SNAPSHOT) if payload.len() >= 35 => {
+                let n = u16::from_be_bytes([payload[33], payload[34]]) as usize;
+                if n > MAX_SNAPSHOT_XIDS || payload.len() != 35 + 8 * n {
+                    return Err(invalid());
+                }
+                let in_progress = (0..n)
+                    .map(|k| word(35 + 8 * k))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(invalid)?;
+                let snapshot = Snapshot {
+                    xmin: word(17).ok_or_else(invalid)?,
+                    xmax: word(25).ok_or_else(invalid)?,
+                    in_progress,
+                };
+                let at = Position {
+                    xid: word(1).ok_or_else(invalid)?,
+                    seq: word(9).ok_or_else(invalid)?,
+                };
+                (at, Some(snapshot))
+            }
+            _ => return Err(invalid()),
+        };
+        if at.xid < 0 || at.seq < 0 {
             return Err(invalid());
         }
-        let xid = i64::from_be_bytes(payload[1..9].try_into().expect("8 bytes"));
-        let seq = i64::from_be_bytes(payload[9..17].try_into().expect("8 bytes"));
-        if xid < 0 || seq < 0 {
-            return Err(invalid());
-        }
-        Ok(Position { xid, seq })
+        Ok((at, skip))
     }
 
     /// A ListJobEvents page token: the job it belongs to and the last version returned.
@@ -230,7 +283,27 @@ mod tests {
             seq: 789,
         };
         let token = key.resume_token(at);
-        assert_eq!(key.open_resume_token(&token).unwrap(), at);
+        assert_eq!(key.open_resume_token(&token).unwrap(), (at, None));
+        let snap = Snapshot {
+            xmin: 100,
+            xmax: 120,
+            in_progress: vec![101, 117],
+        };
+        let with = key.resume_token_with_skip(at, Some(&snap));
+        assert_eq!(
+            key.open_resume_token(&with).unwrap(),
+            (at, Some(snap.clone()))
+        );
+        let big = Snapshot {
+            in_progress: (0..1000).collect(),
+            ..snap
+        };
+        // Too many in-progress xids: the token falls back to the plain position.
+        assert_eq!(
+            key.open_resume_token(&key.resume_token_with_skip(at, Some(&big)))
+                .unwrap(),
+            (at, None)
+        );
         let job = Uuid::new_v4();
         let page = key.events_page_token(job, 7);
         assert_eq!(key.open_events_page_token(&page, job).unwrap(), 7);
