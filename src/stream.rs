@@ -276,7 +276,7 @@ impl Stream {
         if event.position <= state.at {
             return Ok(false);
         }
-        state.at = event.position;
+        state.advance(event.position);
         if state.already_seen(event) || !self.filter.matches(event) {
             return Ok(false);
         }

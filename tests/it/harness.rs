@@ -174,6 +174,23 @@ impl TestServer {
 
 pub type Client = JobServiceClient<InterceptedService<Channel, Bearer>>;
 
+/// A CreateJob request for `agent` with no data.
+pub fn create(agent: &str) -> jobsvc::pb::CreateJobRequest {
+    jobsvc::pb::CreateJobRequest {
+        agent_identifier: agent.into(),
+        ..Default::default()
+    }
+}
+
+/// An UpdateStatus request moving job `id` to `status`.
+pub fn update(id: &str, status: jobsvc::pb::JobStatus) -> jobsvc::pb::UpdateStatusRequest {
+    jobsvc::pb::UpdateStatusRequest {
+        id: id.into(),
+        status: status as i32,
+        ..Default::default()
+    }
+}
+
 #[derive(Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
 

@@ -6,22 +6,7 @@ use jobsvc::pb::{self, JobStatus as S};
 use prost_types::value::Kind;
 use tonic::Code;
 
-use crate::harness::{Client, TestServer, assert_err};
-
-fn create(agent: &str) -> pb::CreateJobRequest {
-    pb::CreateJobRequest {
-        agent_identifier: agent.into(),
-        ..Default::default()
-    }
-}
-
-fn update(id: &str, status: S) -> pb::UpdateStatusRequest {
-    pb::UpdateStatusRequest {
-        id: id.into(),
-        status: status as i32,
-        ..Default::default()
-    }
-}
+use crate::harness::{Client, TestServer, assert_err, create, update};
 
 fn ts(t: &Option<prost_types::Timestamp>) -> Option<(i64, i32)> {
     t.as_ref().map(|t| (t.seconds, t.nanos))

@@ -9,24 +9,9 @@ use tokio::time::{Instant, timeout};
 use tonic::{Code, Streaming};
 use uuid::Uuid;
 
-use crate::harness::{Client, TestServer, assert_err, fresh_database, shared_pg};
+use crate::harness::{Client, TestServer, assert_err, create, fresh_database, shared_pg, update};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn create(agent: &str) -> pb::CreateJobRequest {
-    pb::CreateJobRequest {
-        agent_identifier: agent.into(),
-        ..Default::default()
-    }
-}
-
-fn update(id: &str, status: S) -> pb::UpdateStatusRequest {
-    pb::UpdateStatusRequest {
-        id: id.into(),
-        status: status as i32,
-        ..Default::default()
-    }
-}
 
 async fn open(client: &mut Client, req: pb::StreamJobUpdatesRequest) -> Streaming<pb::JobUpdate> {
     client.stream_job_updates(req).await.unwrap().into_inner()

@@ -9,14 +9,7 @@ use jobsvc::pb::{self, job_update::Event as U};
 use tokio::time::{Instant, timeout};
 use tonic::Streaming;
 
-use crate::harness::{TestServer, fresh_database, new_cluster, shared_pg};
-
-fn create(agent: &str) -> pb::CreateJobRequest {
-    pb::CreateJobRequest {
-        agent_identifier: agent.into(),
-        ..Default::default()
-    }
-}
+use crate::harness::{TestServer, create, fresh_database, new_cluster, shared_pg};
 
 /// Job ids read from `stream` until `want` distinct ones arrived or `limit` passed; counts
 /// every delivery, so duplicates show.
