@@ -248,6 +248,13 @@ pub async fn run_server(
         metrics,
         shutdown: shutdown_rx,
     });
+    tokio::spawn(crate::sweeper::run(
+        state.pool.clone(),
+        state.feed.clone(),
+        args.running_timeout,
+        args.sweep_interval,
+        state.shutdown.clone(),
+    ));
     tokio::spawn(crate::retention::run(
         state.pool.clone(),
         crate::retention::Policy {

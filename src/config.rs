@@ -154,6 +154,14 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBSVC_FEED_POLL_INTERVAL", default_value = "200ms", value_parser = parse_positive)]
     pub feed_poll_interval: Duration,
 
+    /// Move RUNNING jobs that started longer ago than this to FAILED (e.g. 2h); off when unset.
+    #[arg(long, env = "JOBSVC_RUNNING_TIMEOUT", value_parser = parse_positive)]
+    pub running_timeout: Option<Duration>,
+
+    /// How often the running-timeout sweeper looks.
+    #[arg(long, env = "JOBSVC_SWEEP_INTERVAL", default_value = "30s", value_parser = parse_positive)]
+    pub sweep_interval: Duration,
+
     /// Delete completed jobs this long after they finished (e.g. 30d); kept forever when unset.
     #[arg(long, env = "JOBSVC_RETAIN_COMPLETED", value_parser = parse_positive)]
     pub retain_completed: Option<Duration>,

@@ -13,6 +13,7 @@
 //! - [`metrics`]: Prometheus metrics and their optional endpoint.
 //! - [`retention`]: background deletion of finished jobs past their configured age.
 //! - [`transfer`]: `jobsvc export` / `import` as JSON lines.
+//! - [`sweeper`]: RUNNING jobs past `--running-timeout` become FAILED.
 //! - [`error`]: one error type and its one mapping to gRPC status with ErrorInfo.
 //! - [`embedded_pg`]: the private PostgreSQL used when no DATABASE_URL is given.
 //! - [`app`] and [`config`]: wiring for the `jobsvc` binary.
@@ -36,5 +37,6 @@ pub mod retention;
 pub mod server;
 pub mod service;
 pub mod stream;
+pub mod sweeper;
 pub mod tokens;
 pub mod transfer;

@@ -10,3 +10,4 @@ mod ops;
 mod stats;
 mod stream;
 mod stream_faults;
+mod sweeper;
