@@ -86,9 +86,18 @@ pub fn print_token(args: TokenArgs) -> Result<(), AppError> {
 /// returned so the caller stops it).
 async fn command_database(
     db_args: &crate::config::DbArgs,
+    create: bool,
 ) -> Result<(String, Option<EmbeddedPg>), AppError> {
     if let Some(url) = &db_args.database_url {
         return Ok((url.clone(), None));
+    }
+    // A backup run from the wrong directory must fail, not back up a new empty database.
+    if !create && !db_args.data_dir.join("pg/data/PG_VERSION").exists() {
+        return Err(format!(
+            "no private PostgreSQL in {}: pass --data-dir (where `jobsvc serve` keeps it) or --database-url",
+            db_args.data_dir.display()
+        )
+        .into());
     }
     let pg = EmbeddedPg::init(&db_args.data_dir, PgOptions::default())?;
     let url = pg.url(EMBEDDED_DB);
@@ -120,9 +129,9 @@ pub async fn export(args: crate::config::ExportArgs) -> Result<(), AppError> {
         created_before: args.created_before,
         after_id: args.after_id,
     };
-    let (url, pg) = command_database(&args.db).await?;
+    let (url, pg) = command_database(&args.db, false).await?;
     let result = async {
-        db::migrate(&url).await?;
+        // No migrations here: a backup changes nothing, and may run as a read-only role.
         let mut conn = db::connect(&url).await?;
         let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
         let n = crate::transfer::export(&mut conn, &filter, &mut out).await?;
@@ -138,7 +147,7 @@ pub async fn export(args: crate::config::ExportArgs) -> Result<(), AppError> {
 
 /// `jobsvc import`.
 pub async fn import(args: crate::config::ImportArgs) -> Result<(), AppError> {
-    let (url, pg) = command_database(&args.db).await?;
+    let (url, pg) = command_database(&args.db, true).await?;
     let result = async {
         db::migrate(&url).await?;
         let mut conn = db::connect(&url).await?;
@@ -246,6 +255,9 @@ pub async fn run_server(
         feed,
         stream_heartbeat: args.stream_heartbeat,
         metrics,
+        snapshot_slots: Arc::new(tokio::sync::Semaphore::new(
+            crate::stream::SNAPSHOT_CONNECTIONS,
+        )),
         shutdown: shutdown_rx,
     });
     tokio::spawn(crate::sweeper::run(

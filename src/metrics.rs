@@ -223,6 +223,9 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// Concurrent connections to the metrics endpoint.
+const MAX_CONNECTIONS: usize = 16;
+
 /// Serves the metrics as text on `listener` until `shutdown` flips.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -230,8 +233,13 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    // A scrape is one small request: few connections, and none may linger.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -244,7 +252,9 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         let metrics = metrics.clone();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
                 let body = metrics.render();
                 async move {
@@ -256,9 +266,15 @@ pub async fn serve(
                         .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = tokio::time::timeout(Duration::from_secs(30), conn) => {}
+                _ = stop.changed() => {}
+            }
         });
     }
 }

@@ -22,6 +22,9 @@ use crate::service::{AppState, JobSvc};
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 const HEALTH_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A client that does not finish its TLS handshake within this is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// HTTP/2 and message limits, all set explicitly rather than left to tonic's defaults.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -81,8 +84,11 @@ pub async fn run(
 
     let mut builder = Server::builder();
     if let Some(identity) = limits.tls.clone() {
-        builder =
-            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        builder = builder.tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(identity)
+                .timeout(TLS_HANDSHAKE_TIMEOUT),
+        )?;
     }
     let result = builder
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -177,6 +183,10 @@ async fn monitor_health(
                 )
                 .await;
             last = Some(status);
+        }
+        if *shutdown.borrow() {
+            // Reported NOT_SERVING above; nothing more to watch.
+            return;
         }
         tokio::select! {
             _ = tokio::time::sleep(HEALTH_INTERVAL) => {}

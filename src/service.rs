@@ -47,6 +47,8 @@ pub struct AppState {
     pub stream_heartbeat: Duration,
     /// What the metrics endpoint reports.
     pub metrics: Arc<Metrics>,
+    /// Bounds the connections that `include_existing` snapshots open outside the pool.
+    pub snapshot_slots: Arc<tokio::sync::Semaphore>,
     /// Flips to true when the server starts shutting down: long calls return early.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -122,6 +124,27 @@ struct Call {
     span: tracing::Span,
     started: Instant,
     metrics: Arc<Metrics>,
+    /// Set by `finish`; a call dropped before (the client cancelled, or its deadline passed)
+    /// is still logged and counted, as CANCELLED.
+    finished: bool,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let _enter = self.span.enter();
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .call_finished(self.method, tonic::Code::Cancelled, elapsed);
+        tracing::info!(
+            method = self.method,
+            code = "Cancelled",
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "call"
+        );
+    }
 }
 
 impl Call {
@@ -151,11 +174,13 @@ impl Call {
             span,
             started: Instant::now(),
             metrics: metrics.clone(),
+            finished: false,
         }
     }
 
     /// Logs the call and turns the result into the gRPC answer.
-    fn finish<T>(self, result: Result<T>) -> Result<Response<T>, Status> {
+    fn finish<T>(mut self, result: Result<T>) -> Result<Response<T>, Status> {
+        self.finished = true;
         let _enter = self.span.enter();
         let elapsed = self.started.elapsed();
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
@@ -459,6 +484,7 @@ impl pb::job_service_server::JobService for JobSvc {
             let rx = stream::Stream {
                 pool: self.state.pool.clone(),
                 database_url: self.state.database_url.clone(),
+                snapshot_slots: self.state.snapshot_slots.clone(),
                 feed: self.state.feed.clone(),
                 caller,
                 filter,

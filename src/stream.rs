@@ -29,6 +29,11 @@ use crate::feed::{Event, Feed, Filter, READ_LIMIT, Subscription};
 use crate::pb;
 use crate::pb::job_update::Event as Update;
 
+/// Snapshots of `include_existing` read at once per process (each on its own connection); a
+/// stream waits up to `SNAPSHOT_WAIT` for a turn, then ends with RESOURCE_EXHAUSTED.
+pub const SNAPSHOT_CONNECTIONS: usize = 16;
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+
 /// Messages buffered between a stream's task and tonic.
 const CHANNEL_CAPACITY: usize = 16;
 /// A client that reads none of the initial snapshot for this long ends its stream.
@@ -64,8 +69,10 @@ pub enum Start {
 /// Everything one stream needs.
 pub struct Stream {
     pub pool: PgPool,
-    /// For the snapshot of `include_existing`, read on a connection of its own.
+    /// For the snapshot of `include_existing`, read on a connection of its own...
     pub database_url: Arc<str>,
+    /// ...of which at most `SNAPSHOT_CONNECTIONS` are open at once.
+    pub snapshot_slots: Arc<tokio::sync::Semaphore>,
     pub feed: Arc<Feed>,
     pub caller: Caller,
     pub filter: StreamFilter,
@@ -213,6 +220,18 @@ impl Stream {
     /// `SNAPSHOT_STALL` ends the stream rather than keep that transaction open.
     async fn send_existing(&self, tx: &Tx) -> Result<Snapshot> {
         use diesel_async::SimpleAsyncConnection;
+        let _slot =
+            tokio::time::timeout(SNAPSHOT_WAIT, self.snapshot_slots.clone().acquire_owned())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .ok_or_else(|| Error::ResourceExhausted {
+                    reason: "OVERLOADED",
+                    message: format!(
+                        "too many streams are reading their initial jobs; retry with backoff \
+                     (at most {SNAPSHOT_CONNECTIONS} at once per server)"
+                    ),
+                })?;
         let mut conn = db::connect(&self.database_url).await?;
         conn.batch_execute(&db::snapshot_begin_sql(&self.caller))
             .await?;

@@ -4,9 +4,11 @@
 //!
 //! Export reads one REPEATABLE READ snapshot in keyset pages by id (constant memory; a
 //! read-only transaction takes no transaction id, so it does not hold back the change feed)
-//! and can resume after the last id it wrote (`--after-id`). Import inserts in batches of one
-//! statement each, skipping rows whose id (or owner and request_id) already exists: running it
-//! again, or after an interruption, is safe and adds nothing twice. Inserted rows go through
+//! and can resume after the last id it wrote (`--after-id`; the resumed part is a new
+//! snapshot). Import inserts in batches of one statement each, skipping rows whose id already
+//! exists: running it again, or after an interruption, is safe and adds nothing twice. A
+//! different job with the same owner and request_id as an existing one is an error, not a
+//! silent skip. Inserted rows go through
 //! the triggers, so statistics and history stay exact.
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
@@ -97,8 +99,12 @@ pub async fn export(
                 .load(conn)
                 .await?;
                 for row in &page {
-                    out.write_all(row.line.as_bytes())
-                        .and_then(|_| out.write_all(b"\n"))
+                    // The line and its newline in one write: an interruption leaves whole
+                    // lines, or a last line without its newline.
+                    let mut line = Vec::with_capacity(row.line.len() + 1);
+                    line.extend_from_slice(row.line.as_bytes());
+                    line.push(b'\n');
+                    out.write_all(&line)
                         .map_err(|e| Error::Internal(Box::new(e)))?;
                 }
                 written += page.len() as u64;
@@ -121,7 +127,7 @@ pub async fn export(
 pub struct Imported {
     pub read: u64,
     pub inserted: u64,
-    /// Lines whose job (by id, or by owner and request_id) already existed.
+    /// Lines whose job (by id) already existed.
     pub skipped: u64,
 }
 
@@ -169,7 +175,7 @@ pub async fn import(
             let inserted: Inserted = diesel::sql_query(
                 "WITH ins AS ( \
                      INSERT INTO jobs SELECT * FROM jsonb_populate_recordset(NULL::jobs, $1::jsonb) \
-                     ON CONFLICT DO NOTHING RETURNING 1) \
+                     ON CONFLICT (id) DO NOTHING RETURNING 1) \
                  SELECT count(*) AS inserted FROM ins",
             )
             .bind::<Text, _>(rows)

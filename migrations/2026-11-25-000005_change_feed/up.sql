@@ -191,6 +191,23 @@ $$;
 COMMENT ON FUNCTION job_events_prune(interval, integer) IS
     'Deletes job_events older than p_retention, oldest first in feed order and at most p_max_rows per call, and moves the watermark job_events_pruned to the last deleted event. Returns the number deleted; call until 0.';
 
+-- After restoring a dump into another cluster: the restored feed_xid values belong to the
+-- old cluster's transaction ids and would hold new events of those jobs above the new
+-- cluster's horizon. This empties the history and moves the watermark to now, so every
+-- earlier resume token is OUT_OF_RANGE (clients re-list).
+CREATE FUNCTION job_events_reset() RETURNS void
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path = public, pg_temp
+AS $$
+BEGIN
+    TRUNCATE job_events;
+    UPDATE job_events_pruned SET feed_xid = pg_current_xact_id(), seq = 0;
+END;
+$$;
+COMMENT ON FUNCTION job_events_reset() IS
+    'Empties job_events and moves the pruning watermark to the current transaction: run once after restoring a dump into a different cluster (its transaction ids differ). Earlier resume tokens become OUT_OF_RANGE.';
+
 -------------------------------------------------------------------------------
 -- The history of the jobs that exist now: their current version.
 -------------------------------------------------------------------------------
@@ -218,5 +235,6 @@ COMMENT ON POLICY "Service role can view all job events" ON job_events IS
 REVOKE ALL ON job_events, job_events_pruned FROM PUBLIC;
 GRANT SELECT ON job_events TO authenticated, service_role;
 GRANT SELECT ON job_events_pruned TO service_role;
-REVOKE EXECUTE ON FUNCTION jobs_record_events(), job_events_prune(interval, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION jobs_record_events(), job_events_prune(interval, integer),
+    job_events_reset() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION job_events_prune(interval, integer) TO service_role;

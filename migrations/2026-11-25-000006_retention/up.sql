@@ -23,8 +23,10 @@ CREATE FUNCTION jobs_prune_finished(p_status job_status, p_keep interval, p_max_
 AS $$
     WITH doomed AS (
         SELECT id FROM jobs
+        -- The column, not the parameter, in the terminal-status test: only then can the
+        -- planner prove idx_jobs_finished's predicate (a generic plan knows no p_status).
         WHERE status = p_status
-          AND p_status IN ('completed', 'failed', 'cancelled')
+          AND status IN ('completed', 'failed', 'cancelled')
           AND coalesce(completed_at, updated_at) < now() - p_keep
         ORDER BY coalesce(completed_at, updated_at)
         LIMIT p_max_rows

@@ -99,6 +99,32 @@ async fn metrics_report_known_traffic() {
             && sample(&t, r#"jobsvc_jobs{status="failed"}"#) == Some(0.0)
     })
     .await;
+    // A call the client abandons (its deadline passes) is still logged and counted.
+    let pending = c.create_job(pb::CreateJobRequest {
+        agent_identifier: "m".into(),
+        ..Default::default()
+    });
+    let id = pending.await.unwrap().into_inner().id;
+    let mut wait = tonic::Request::new(pb::WaitJobRequest {
+        id,
+        timeout: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+    });
+    wait.set_timeout(Duration::from_millis(300));
+    assert!(c.wait_job(wait).await.is_err());
+    eventually(
+        Duration::from_secs(5),
+        "the abandoned call to be counted",
+        || async {
+            sample(
+                &scrape(port).await,
+                r#"jobsvc_rpc_responses_total{method="WaitJob",code="Cancelled"}"#,
+            ) == Some(1.0)
+        },
+    )
+    .await;
     // A client that goes away is noticed at once: the gauge returns to zero.
     drop(stream);
     drop(c);
@@ -343,6 +369,16 @@ async fn export_and_import_round_trip_100000_jobs() {
         );
         String::from_utf8(out.stderr).unwrap()
     };
+
+    // A backup pointed at a directory without a database fails instead of writing nothing.
+    let missing = tokio::process::Command::new(jobsvc)
+        .args(["export", "--data-dir", "/nonexistent/jobsvc-data"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .await
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no private PostgreSQL"));
 
     let first = export(a.clone(), vec![]).await;
     assert_eq!(first.iter().filter(|&&c| c == b'\n').count(), 100_000);
