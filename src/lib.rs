@@ -24,6 +24,7 @@
 //! to streams and waiters on every replica.
 pub mod app;
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod convert;
 pub mod db;
