@@ -422,4 +422,75 @@ mod tests {
             "PAYLOAD_TOO_LARGE"
         );
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Any protobuf Value tree, numbers and strings included (NaN, infinities, U+0000).
+        fn value() -> impl Strategy<Value = Value> {
+            use prost_types::value::Kind;
+            let leaf = prop_oneof![
+                Just(Value { kind: None }),
+                Just(Value {
+                    kind: Some(Kind::NullValue(0))
+                }),
+                any::<bool>().prop_map(|b| Value {
+                    kind: Some(Kind::BoolValue(b))
+                }),
+                any::<f64>().prop_map(|f| Value {
+                    kind: Some(Kind::NumberValue(f))
+                }),
+                ".{0,12}".prop_map(|s| Value {
+                    kind: Some(Kind::StringValue(s))
+                }),
+            ];
+            leaf.prop_recursive(6, 64, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(|values| Value {
+                        kind: Some(Kind::ListValue(prost_types::ListValue { values }))
+                    }),
+                    prop::collection::btree_map(".{0,8}", inner, 0..6).prop_map(|m| Value {
+                        kind: Some(Kind::StructValue(Struct {
+                            fields: m.into_iter().collect()
+                        }))
+                    }),
+                ]
+            })
+        }
+
+        proptest! {
+            /// Conversion never panics; what it accepts survives the trip back unchanged,
+            /// and what it refuses carries one of the documented reasons.
+            #[test]
+            fn any_value_converts_or_is_refused_with_a_reason(v in value()) {
+                match value_to_json("result", v, LIMITS) {
+                    Ok(json) => {
+                        let again = value_to_json("result", json_to_value(json.clone()), LIMITS);
+                        prop_assert_eq!(again.unwrap(), json);
+                    }
+                    Err(e) => prop_assert!(
+                        ["INVALID_NUMBER", "NUL_CHARACTER", "PAYLOAD_TOO_DEEP", "PAYLOAD_TOO_LARGE", "MISSING_FIELD", "INVALID_VALUE"]
+                            .contains(&e.reason()),
+                        "unexpected reason {}", e.reason()
+                    ),
+                }
+            }
+
+            /// Request fields: no input panics; the answer is a value or a documented reason.
+            #[test]
+            fn any_string_field_is_parsed_or_refused(s in "\\PC{0,40}|.{0,300}") {
+                let _ = parse_uuid("id", &s);
+                let _ = validate_agent_identifier("agent_identifier", &s);
+                let _ = validate_request_id(&s);
+                let _ = validate_error_message(&s);
+            }
+
+            #[test]
+            fn any_timestamp_or_duration_is_parsed_or_refused(secs in any::<i64>(), nanos in any::<i32>()) {
+                let _ = parse_timestamp("t", Timestamp { seconds: secs, nanos });
+                let _ = parse_duration("d", prost_types::Duration { seconds: secs, nanos });
+            }
+        }
+    }
 }
