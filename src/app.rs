@@ -258,6 +258,8 @@ pub async fn run_server(
         snapshot_slots: Arc::new(tokio::sync::Semaphore::new(
             crate::stream::SNAPSHOT_CONNECTIONS,
         )),
+        fault_drop_every: args.fault_drop_every,
+        fault_counter: Default::default(),
         shutdown: shutdown_rx,
     });
     tokio::spawn(crate::sweeper::run(

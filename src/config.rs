@@ -194,6 +194,11 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBSVC_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Fault injection for tests: every Nth committed write answers UNAVAILABLE, as if its
+    /// response had been lost after the commit. 0 (the default) never.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub fault_drop_every: u64,
+
     /// Events queued for one stream before it has to catch up from the history instead
     /// (tests make it small to exercise that path).
     #[arg(

@@ -49,6 +49,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Bounds the connections that `include_existing` snapshots open outside the pool.
     pub snapshot_slots: Arc<tokio::sync::Semaphore>,
+    /// Tests only: every Nth committed write answers UNAVAILABLE (0: never).
+    pub fault_drop_every: u64,
+    pub fault_counter: std::sync::atomic::AtomicU64,
     /// Flips to true when the server starts shutting down: long calls return early.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -69,6 +72,26 @@ impl JobSvc {
         Ok(caller)
     }
 
+    /// Fault injection for tests (`--fault-drop-every N`): every Nth committed write answers
+    /// UNAVAILABLE as if its response had been lost after the commit, the ambiguous outcome
+    /// clients must handle by retrying with the same request_id / expected status.
+    fn inject_lost_response(&self) -> Result<()> {
+        let every = self.state.fault_drop_every;
+        if every > 0
+            && self
+                .state
+                .fault_counter
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                % every
+                == every - 1
+        {
+            return Err(Error::Unavailable(
+                "injected fault: response dropped after commit".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// A write committed: the feed reads it now and wakes the other replicas.
     fn notify(&self) {
         self.state.feed.committed();
@@ -84,6 +107,7 @@ impl JobSvc {
             let row = db.finish(row).await?.ok_or(Error::JobNotFound(change.id))?;
             if row.written {
                 self.notify();
+                self.inject_lost_response()?;
                 return Ok(row.job);
             }
             match transition(row.job.status, change.target) {
@@ -242,6 +266,7 @@ impl pb::job_service_server::JobService for JobSvc {
             let row = db.finish(row).await?;
             if row.written {
                 self.notify();
+                self.inject_lost_response()?;
             } else if row.job.agent_identifier != new.agent_identifier
                 || row.job.job_data.as_ref() != Some(&new.job_data)
             {

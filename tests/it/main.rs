@@ -1,4 +1,5 @@
 //! The one integration test binary: real PostgreSQL, real gRPC over real sockets.
+mod ambiguous;
 mod auth;
 mod bad_input;
 mod clients;
