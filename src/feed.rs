@@ -599,21 +599,18 @@ async fn prune_loop(pool: PgPool, retention: Duration, mut shutdown: watch::Rece
             _ = shutdown.changed() => return,
         }
         delay = PRUNE_INTERVAL;
-        let mut total = 0;
-        let result: Result<()> = async {
-            let mut conn = pool.get().await?;
-            loop {
-                let n = events::prune(&mut conn, retention, PRUNE_BATCH).await?;
-                total += n;
-                if n == 0 || *shutdown.borrow() {
-                    return Ok(());
-                }
-            }
-        }
+        let result = db::run_batches(
+            &pool,
+            "SELECT job_events_prune($1, $2) AS n",
+            None,
+            retention,
+            PRUNE_BATCH,
+            &shutdown,
+        )
         .await;
         match result {
-            Ok(()) if total > 0 => tracing::info!(events = total, "change feed: pruned history"),
-            Ok(()) => {}
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "change feed: pruned history"),
             Err(e) => tracing::warn!(error = %e, "change feed: pruning failed"),
         }
     }

@@ -19,12 +19,12 @@ use tokio::sync::watch;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
-    pub method: String,
+    pub method: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
-    pub method: String,
+    pub method: &'static str,
     pub code: String,
 }
 
@@ -164,26 +164,20 @@ impl Metrics {
     }
 
     /// A call started.
-    pub fn call_started(&self, method: &str) {
-        self.requests
-            .get_or_create(&MethodLabels {
-                method: method.into(),
-            })
-            .inc();
+    pub fn call_started(&self, method: &'static str) {
+        self.requests.get_or_create(&MethodLabels { method }).inc();
     }
 
     /// A call answered with `code` after `elapsed`.
-    pub fn call_finished(&self, method: &str, code: tonic::Code, elapsed: Duration) {
+    pub fn call_finished(&self, method: &'static str, code: tonic::Code, elapsed: Duration) {
         self.responses
             .get_or_create(&CodeLabels {
-                method: method.into(),
+                method,
                 code: format!("{code:?}"),
             })
             .inc();
         self.latency
-            .get_or_create(&MethodLabels {
-                method: method.into(),
-            })
+            .get_or_create(&MethodLabels { method })
             .observe(elapsed.as_secs_f64());
     }
 

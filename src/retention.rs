@@ -4,8 +4,6 @@
 //! concurrent writers are skipped rather than waited for. Every replica may run it.
 use std::time::Duration;
 
-use diesel::sql_types::{BigInt, Integer, Interval, Text};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use tokio::sync::watch;
 
 use crate::db::PgPool;
@@ -39,30 +37,6 @@ impl Policy {
     }
 }
 
-#[derive(diesel::QueryableByName)]
-struct Deleted {
-    #[diesel(sql_type = BigInt)]
-    deleted: i64,
-}
-
-/// One batch for one status; returns how many jobs were deleted.
-pub async fn prune_batch(
-    conn: &mut AsyncPgConnection,
-    status: JobStatus,
-    keep: Duration,
-    max_rows: i32,
-) -> Result<i64> {
-    let us = i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
-    let row: Deleted =
-        diesel::sql_query("SELECT jobs_prune_finished($1::job_status, $2, $3) AS deleted")
-            .bind::<Text, _>(status.as_str())
-            .bind::<Interval, _>(diesel::pg::data_types::PgInterval::from_microseconds(us))
-            .bind::<Integer, _>(max_rows)
-            .get_result(conn)
-            .await?;
-    Ok(row.deleted)
-}
-
 /// Applies the policy once, batch after batch until nothing is left; returns the total.
 pub async fn prune(
     pool: &PgPool,
@@ -71,17 +45,15 @@ pub async fn prune(
 ) -> Result<i64> {
     let mut total = 0;
     for (status, keep) in policy.rules() {
-        loop {
-            let mut conn = pool.get().await?;
-            let n = prune_batch(&mut conn, status, keep, BATCH).await?;
-            drop(conn);
-            total += n;
-            if n < i64::from(BATCH) || *shutdown.borrow() {
-                break;
-            }
-            // Let other work in between batches.
-            tokio::task::yield_now().await;
-        }
+        total += crate::db::run_batches(
+            pool,
+            "SELECT jobs_prune_finished($3::job_status, $1, $2) AS n",
+            Some(status),
+            keep,
+            BATCH,
+            shutdown,
+        )
+        .await?;
     }
     Ok(total)
 }

@@ -45,9 +45,6 @@ const SNAPSHOT_PAGE: i64 = 500;
 /// At most this many `job_ids` in one request.
 pub const MAX_JOB_IDS: usize = 1000;
 
-/// What a stream delivers.
-pub type StreamFilter = Filter;
-
 fn jobs_filter(f: &Filter) -> JobsFilter {
     JobsFilter {
         job_ids: f.job_ids.iter().copied().collect(),
@@ -75,7 +72,7 @@ pub struct Stream {
     pub snapshot_slots: Arc<tokio::sync::Semaphore>,
     pub feed: Arc<Feed>,
     pub caller: Caller,
-    pub filter: StreamFilter,
+    pub filter: Filter,
     pub start: Start,
     pub heartbeat: Duration,
     pub shutdown: watch::Receiver<bool>,

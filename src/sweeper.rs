@@ -6,36 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use diesel::sql_types::{BigInt, Integer, Interval};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use tokio::sync::watch;
 
 use crate::db::PgPool;
-use crate::error::Result;
 use crate::feed::Feed;
 
 const BATCH: i32 = 500;
-
-#[derive(diesel::QueryableByName)]
-struct Failed {
-    #[diesel(sql_type = BigInt)]
-    failed: i64,
-}
-
-/// One batch; returns how many jobs it failed.
-pub async fn sweep_batch(
-    conn: &mut AsyncPgConnection,
-    timeout: Duration,
-    max_rows: i32,
-) -> Result<i64> {
-    let us = i64::try_from(timeout.as_micros()).unwrap_or(i64::MAX);
-    let row: Failed = diesel::sql_query("SELECT jobs_fail_stale_running($1, $2) AS failed")
-        .bind::<Interval, _>(diesel::pg::data_types::PgInterval::from_microseconds(us))
-        .bind::<Integer, _>(max_rows)
-        .get_result(conn)
-        .await?;
-    Ok(row.failed)
-}
 
 /// Sweeps every `interval` until shutdown.
 pub async fn run(
@@ -47,17 +23,14 @@ pub async fn run(
 ) {
     let Some(timeout) = timeout else { return };
     loop {
-        let result: Result<i64> = async {
-            let mut total = 0;
-            loop {
-                let mut conn = pool.get().await?;
-                let n = sweep_batch(&mut conn, timeout, BATCH).await?;
-                total += n;
-                if n < i64::from(BATCH) || *shutdown.borrow() {
-                    return Ok(total);
-                }
-            }
-        }
+        let result = crate::db::run_batches(
+            &pool,
+            "SELECT jobs_fail_stale_running($1, $2) AS n",
+            None,
+            timeout,
+            BATCH,
+            &shutdown,
+        )
         .await;
         match result {
             Ok(0) => {}

@@ -2,7 +2,7 @@
 //! reads in (feed_xid, seq) order below the horizon, the snapshot of existing jobs a stream
 //! starts from, ListJobEvents, and pruning.
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Bool, Integer, Interval, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -337,27 +337,6 @@ pub async fn resumable_range(conn: &mut AsyncPgConnection) -> Result<(Position, 
         seq: row.seq,
     };
     Ok((pruned, row.next_xid))
-}
-
-#[derive(diesel::QueryableByName)]
-struct Pruned {
-    #[diesel(sql_type = BigInt)]
-    pruned: i64,
-}
-
-/// Deletes at most `max_rows` events older than `retention`; returns how many.
-pub async fn prune(
-    conn: &mut AsyncPgConnection,
-    retention: std::time::Duration,
-    max_rows: i32,
-) -> Result<i64> {
-    let us = i64::try_from(retention.as_micros()).unwrap_or(i64::MAX);
-    let row: Pruned = diesel::sql_query("SELECT job_events_prune($1, $2) AS pruned")
-        .bind::<Interval, _>(diesel::pg::data_types::PgInterval::from_microseconds(us))
-        .bind::<Integer, _>(max_rows)
-        .get_result(conn)
-        .await?;
-    Ok(row.pruned)
 }
 
 /// One entry of a job's history, for ListJobEvents.

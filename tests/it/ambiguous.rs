@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use jobsvc::pb::{self, JobStatus as S};
 use tonic::Code;
 
-use crate::harness::{TestServer, fresh_database, shared_pg, update};
+use crate::harness::{TestServer, all_jobs, fresh_database, history, shared_pg, update};
 
 /// Answers lost after a commit, seen by the clients of this test.
 static LOST: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -75,27 +75,12 @@ async fn retried_writes_after_lost_answers_apply_exactly_once() {
     // Every third of the 300 committed writes lost its answer (retries commit nothing new).
     assert_eq!(LOST.load(std::sync::atomic::Ordering::Relaxed), 100);
     let mut c = server.service().await;
-    let listed = c
-        .list_jobs(pb::ListJobsRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let listed = all_jobs(&mut c).await;
     assert_eq!(listed.len(), 100, "no job created twice");
     for job in listed {
         assert_eq!((job.status, job.version), (S::Completed as i32, 3));
-        let history: Vec<(i64, i32)> = c
-            .list_job_events(pb::ListJobEventsRequest {
-                job_id: job.id.clone(),
-                ..Default::default()
-            })
+        let history: Vec<(i64, i32)> = history(&mut c, &job.id)
             .await
-            .unwrap()
-            .into_inner()
-            .events
             .iter()
             .map(|e| (e.version, e.status))
             .collect();

@@ -182,6 +182,30 @@ pub fn create(agent: &str) -> jobsvc::pb::CreateJobRequest {
     }
 }
 
+/// Every job the client may see (up to 1,000: one page).
+pub async fn all_jobs(c: &mut Client) -> Vec<jobsvc::pb::Job> {
+    c.list_jobs(jobsvc::pb::ListJobsRequest {
+        page_size: 1000,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .jobs
+}
+
+/// A job's history (the first 50 events).
+pub async fn history(c: &mut Client, id: &str) -> Vec<jobsvc::pb::JobEvent> {
+    c.list_job_events(jobsvc::pb::ListJobEventsRequest {
+        job_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .events
+}
+
 /// An UpdateStatus request moving job `id` to `status`.
 pub fn update(id: &str, status: jobsvc::pb::JobStatus) -> jobsvc::pb::UpdateStatusRequest {
     jobsvc::pb::UpdateStatusRequest {

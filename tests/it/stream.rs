@@ -9,7 +9,9 @@ use tokio::time::{Instant, timeout};
 use tonic::{Code, Streaming};
 use uuid::Uuid;
 
-use crate::harness::{Client, TestServer, assert_err, create, fresh_database, shared_pg, update};
+use crate::harness::{
+    Client, TestServer, all_jobs, assert_err, create, fresh_database, shared_pg, update,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -213,15 +215,7 @@ async fn include_existing_while_jobs_are_created_misses_and_repeats_nothing() {
     for w in writers {
         all.extend(w.await.unwrap());
     }
-    let listed = c
-        .list_jobs(pb::ListJobsRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs;
+    let listed = all_jobs(&mut c).await;
     assert_eq!(listed.len(), 50 + 240);
     let expected: HashSet<String> = listed.into_iter().map(|j| j.id).collect();
     let missing = expected.len() - seen.len();

@@ -9,7 +9,7 @@ use diesel_async::RunQueryDsl;
 use jobsvc::pb::{self, JobStatus as S};
 use tonic::Code;
 
-use crate::harness::{TestServer, create, eventually, fresh_database, shared_pg, update};
+use crate::harness::{TestServer, create, eventually, fresh_database, history, shared_pg, update};
 
 #[tokio::test]
 async fn the_sweeper_fails_stale_jobs_and_never_overwrites_a_completion() {
@@ -99,18 +99,7 @@ async fn the_sweeper_fails_stale_jobs_and_never_overwrites_a_completion() {
             .await
             .unwrap()
             .into_inner();
-        let history: Vec<i32> = c
-            .list_job_events(pb::ListJobEventsRequest {
-                job_id: id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .events
-            .iter()
-            .map(|e| e.status)
-            .collect();
+        let history: Vec<i32> = history(&mut c, id).await.iter().map(|e| e.status).collect();
         if completed_by_agent[id] {
             // An acknowledged completion stands: one terminal move, never overwritten.
             assert_eq!(job.status, S::Completed as i32, "{job:?}");
