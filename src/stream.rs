@@ -114,8 +114,8 @@ impl Stream {
             // the feed has not published it yet; one committed after the call returned is
             // always delivered.
             let mut conn = self.pool.get().await?;
-            let snapshot = events::snapshot(&mut conn).await?;
-            state.advance(Position::below(snapshot.xmin));
+            let (snapshot, tail) = events::snapshot(&mut conn).await?;
+            state.advance(tail);
             state.skip = Some(snapshot);
         }
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
@@ -144,9 +144,9 @@ impl Stream {
         match self.start {
             Start::Now => {}
             Start::Existing => {
-                let snapshot = self.send_existing(tx).await?;
+                let (snapshot, tail) = self.send_existing(tx).await?;
                 // Everything below xmin is in the snapshot; above it, what the snapshot sees.
-                state.advance(Position::below(snapshot.xmin));
+                state.advance(tail);
                 state.skip = Some(snapshot);
             }
             Start::Resume(at, ref skip) => {
@@ -211,11 +211,12 @@ impl Stream {
         Ok(())
     }
 
-    /// Sends the matching jobs as they are in one snapshot; returns that snapshot. The
+    /// Sends the matching jobs as they are in one snapshot; returns that snapshot and its
+    /// tail (where the stream then stands). The
     /// snapshot's transaction runs on a connection of its own, not the pool's (a client that
     /// reads slowly must not hold a pooled connection), and a client that stops reading for
     /// `SNAPSHOT_STALL` ends the stream rather than keep that transaction open.
-    async fn send_existing(&self, tx: &Tx) -> Result<Snapshot> {
+    async fn send_existing(&self, tx: &Tx) -> Result<(Snapshot, Position)> {
         use diesel_async::SimpleAsyncConnection;
         let _slot =
             tokio::time::timeout(SNAPSHOT_WAIT, self.snapshot_slots.clone().acquire_owned())
@@ -232,7 +233,7 @@ impl Stream {
         let mut conn = db::connect(&self.database_url).await?;
         conn.batch_execute(&db::snapshot_begin_sql(&self.caller))
             .await?;
-        let snapshot = events::snapshot(&mut conn).await?;
+        let (snapshot, tail) = events::snapshot(&mut conn).await?;
         let filter = jobs_filter(&self.filter);
         let mut after = None;
         loop {
@@ -261,7 +262,7 @@ impl Stream {
             }
             if !full {
                 conn.batch_execute("COMMIT").await?;
-                return Ok(snapshot);
+                return Ok((snapshot, tail));
             }
         }
     }
@@ -280,7 +281,7 @@ impl Stream {
                     .await?;
             }
             if !full {
-                state.advance(Position::below(read.horizon));
+                state.advance(read.tail);
                 return Ok(());
             }
         }

@@ -63,6 +63,10 @@ pub struct Read {
     pub horizon: i64,
     /// Committed events wait at or above the horizon for an older transaction to end.
     pub pending: bool,
+    /// Where a reader that has read everything below the horizon stands: the last event
+    /// below it (`job_events_tail`, migration 000008). Positions are such tails, never the
+    /// horizon itself, whose transaction ids crash recovery may hand out again.
+    pub tail: Position,
 }
 
 /// One row of [`READ_SQL`]: the horizon, and an event unless there was none (the LEFT JOIN's
@@ -73,6 +77,10 @@ struct ReadRow {
     horizon: i64,
     #[diesel(sql_type = Bool)]
     pending: bool,
+    #[diesel(sql_type = BigInt)]
+    tail_xid: i64,
+    #[diesel(sql_type = BigInt)]
+    tail_seq: i64,
     #[diesel(sql_type = Nullable<BigInt>)]
     feed_xid: Option<i64>,
     #[diesel(sql_type = Nullable<BigInt>)]
@@ -149,8 +157,10 @@ impl ReadRow {
 const READ_SQL: &str = "
 SELECT h.horizon::text::int8 AS horizon,
        EXISTS (SELECT 1 FROM job_events x WHERE x.feed_xid >= h.horizon) AS pending,
+       tail.tail_xid, tail.tail_seq,
        e.*
 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
+CROSS JOIN LATERAL job_events_tail(h.horizon) tail(tail_xid, tail_seq)
 LEFT JOIN LATERAL (
     SELECT e.feed_xid::text::int8 AS feed_xid, e.seq, e.writer_xid::text::int8 AS writer_xid,
            e.job_id AS id, e.user_id,
@@ -188,15 +198,22 @@ pub async fn read(
         query = query.bind::<diesel::sql_types::Uuid, _>(user);
     }
     let rows: Vec<ReadRow> = query.load(conn).await?;
-    let (horizon, pending) = rows
+    let (horizon, pending, tail) = rows
         .as_slice()
         .first()
-        .map(|r| (r.horizon, r.pending))
+        .map(|r| {
+            let tail = Position {
+                xid: r.tail_xid,
+                seq: r.tail_seq,
+            };
+            (r.horizon, r.pending, tail)
+        })
         .ok_or_else(|| Error::Internal("feed read returned no row".into()))?;
     Ok(Read {
         events: rows.into_iter().filter_map(ReadRow::into_event).collect(),
         horizon,
         pending,
+        tail,
     })
 }
 
@@ -241,16 +258,32 @@ impl Snapshot {
 struct SnapshotText {
     #[diesel(sql_type = Text)]
     snapshot: String,
+    #[diesel(sql_type = BigInt)]
+    tail_xid: i64,
+    #[diesel(sql_type = BigInt)]
+    tail_seq: i64,
 }
 
 /// The current transaction's snapshot; in a REPEATABLE READ transaction, the one every
 /// statement of it reads.
-pub async fn snapshot(conn: &mut AsyncPgConnection) -> Result<Snapshot> {
-    let row: SnapshotText = diesel::sql_query("SELECT pg_current_snapshot()::text AS snapshot")
-        .get_result(conn)
-        .await?;
-    Snapshot::parse(&row.snapshot)
-        .ok_or_else(|| Error::Internal(format!("unparsable snapshot {:?}", row.snapshot).into()))
+/// Also returns the tail below the snapshot's xmin (`job_events_tail`, migration 000008):
+/// where a stream starting from this snapshot stands.
+pub async fn snapshot(conn: &mut AsyncPgConnection) -> Result<(Snapshot, Position)> {
+    let row: SnapshotText = diesel::sql_query(
+        "SELECT pg_current_snapshot()::text AS snapshot, t.feed_xid AS tail_xid, t.seq AS tail_seq \
+         FROM job_events_tail(pg_snapshot_xmin(pg_current_snapshot())) t",
+    )
+    .get_result(conn)
+    .await?;
+    let snapshot = Snapshot::parse(&row.snapshot)
+        .ok_or_else(|| Error::Internal(format!("unparsable snapshot {:?}", row.snapshot).into()))?;
+    Ok((
+        snapshot,
+        Position {
+            xid: row.tail_xid,
+            seq: row.tail_seq,
+        },
+    ))
 }
 
 /// The filter of a stream, as far as SQL applies it to the existing jobs.

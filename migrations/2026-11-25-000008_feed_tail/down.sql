@@ -1,0 +1,1 @@
+DROP FUNCTION job_events_tail(xid8);
