@@ -258,6 +258,12 @@ pub async fn run_server(
         snapshot_slots: Arc::new(tokio::sync::Semaphore::new(
             crate::stream::SNAPSHOT_CONNECTIONS,
         )),
+        db_health: db::health::DbHealth::start(database_url.to_owned(), shutdown_rx.clone()),
+        admission: crate::admission::Admission::new(
+            args.max_concurrent_calls as usize,
+            args.max_queued_calls as usize,
+            args.queue_timeout,
+        ),
         fault_drop_every: args.fault_drop_every,
         fault_counter: Default::default(),
         shutdown: shutdown_rx,

@@ -133,6 +133,19 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBSVC_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
     pub max_concurrent_streams: u32,
 
+    /// Most unary calls working at once; more wait in a queue (see --max-queued-calls).
+    #[arg(long, env = "JOBSVC_MAX_CONCURRENT_CALLS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_calls: u32,
+
+    /// Most unary calls waiting for one of the working places; beyond that, calls are
+    /// refused at once with RESOURCE_EXHAUSTED (OVERLOADED).
+    #[arg(long, env = "JOBSVC_MAX_QUEUED_CALLS", default_value_t = 256)]
+    pub max_queued_calls: u32,
+
+    /// A queued call that has not started within this is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "JOBSVC_QUEUE_TIMEOUT", default_value = "250ms", value_parser = parse_positive)]
+    pub queue_timeout: Duration,
+
     /// Interval of HTTP/2 keepalive pings to clients.
     #[arg(long, env = "JOBSVC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub keepalive_interval: Duration,

@@ -287,12 +287,20 @@ impl EmbeddedPg {
         }
     }
 
-    /// Fast shutdown (open transactions roll back, committed data stays) and wait for exit.
+    /// Fast shutdown, as `pg_ctl stop -m fast` (SIGINT: open transactions roll back,
+    /// committed data stays), and wait for exit.
     pub async fn stop(&self) {
         self.signal_and_wait(Signal::SIGINT, Duration::from_secs(30))
             .await;
         // Still alive: immediate shutdown (crash recovery on the next start).
         self.signal_and_wait(Signal::SIGQUIT, Duration::from_secs(10))
+            .await;
+    }
+
+    /// Immediate shutdown, as `pg_ctl stop -m immediate` (SIGQUIT to the postmaster): every
+    /// backend quits at once, and the next start runs crash recovery. For fault tests.
+    pub async fn stop_immediate(&self) {
+        self.signal_and_wait(Signal::SIGQUIT, Duration::from_secs(30))
             .await;
     }
 

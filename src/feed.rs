@@ -39,6 +39,8 @@ use crate::tokens::TokenKey;
 /// The NOTIFY channel replicas wake each other on. The payload is always empty: it only says
 /// "read the history".
 pub const CHANNEL: &str = "jobsvc_feed";
+/// `application_name` of the listener connection (what an operator sees in pg_stat_activity).
+pub const LISTENER_NAME: &str = "jobsvc: feed listener";
 /// Events per read of the history.
 pub const READ_LIMIT: i64 = 1000;
 /// While committed events wait above the horizon for an older transaction, the reader looks
@@ -312,12 +314,8 @@ impl Feed {
         metrics: Arc<crate::metrics::Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Feed>> {
-        let mut conn = db::connect(&database_url).await?;
-        let start = Position::below(
-            events::read(&mut conn, Position::MAX, 1, None)
-                .await?
-                .horizon,
-        );
+        let mut conn = db::connect_named(&database_url, "jobsvc: feed reader").await?;
+        let start = events::read(&mut conn, Position::MAX, 1, None).await?.tail;
         let (position_tx, position) = watch::channel(start);
         let feed = Arc::new(Feed {
             registry: Mutex::new(Registry::default()),
@@ -438,7 +436,7 @@ async fn drain(
     position_tx: &watch::Sender<Position>,
 ) -> Result<bool> {
     if conn.is_none() {
-        *conn = Some(db::connect(database_url).await?);
+        *conn = Some(db::connect_named(database_url, "jobsvc: feed reader").await?);
     }
     let c = conn.as_mut().expect("connected above");
     loop {
@@ -449,15 +447,17 @@ async fn drain(
         let read = tokio::time::timeout(READ_TIMEOUT, events::read(c, at, limit, None))
             .await
             .map_err(|_| Error::Unavailable("change feed read timed out".into()))??;
-        if read.horizon < at.xid {
-            // The database's transaction ids went back (a restore, a failover to a replica
-            // that was behind): positions from the old timeline mean nothing here.
+        if read.horizon < at.xid || read.tail < at {
+            // The history went back (a restore, a failover to a replica that was behind, a
+            // crash that lost asynchronously committed plain SQL writes): positions past what
+            // the database holds mean nothing here.
             tracing::warn!(
                 horizon = read.horizon,
                 position = at.xid,
-                "change feed: the database's transaction ids went back; restarting at its horizon"
+                tail = read.tail.xid,
+                "change feed: the database's history went back; restarting at its tail"
             );
-            at = Position::below(read.horizon);
+            at = read.tail;
             position_tx.send_replace(at);
             continue;
         }
@@ -469,7 +469,7 @@ async fn drain(
             }
             // Published under the lock, so a subscriber that comes next starts from the
             // history at or after this point.
-            let end = at.max(Position::below(read.horizon));
+            let end = at.max(read.tail);
             if end > at {
                 position_tx.send_replace(end);
             }
@@ -480,7 +480,7 @@ async fn drain(
         let full = read.events.len() as i64 == READ_LIMIT;
         let end = match read.events.last() {
             Some(last) if full => last.position(),
-            _ => at.max(Position::below(read.horizon)),
+            _ => at.max(read.tail),
         };
         let now = chrono::Utc::now();
         let mut lag = 0.0;
@@ -519,7 +519,7 @@ async fn listen_loop(feed: Arc<Feed>, database_url: String, mut shutdown: watch:
     let mut backoff = BACKOFF_MIN;
     loop {
         let result: Result<()> = async {
-            let mut conn = db::connect(&database_url).await?;
+            let mut conn = db::connect_named(&database_url, LISTENER_NAME).await?;
             diesel::sql_query(format!("LISTEN {CHANNEL}"))
                 .execute(&mut conn)
                 .await?;
@@ -570,7 +570,7 @@ async fn notify_loop(feed: Arc<Feed>, database_url: String, mut shutdown: watch:
         let next = tokio::time::Instant::now() + NOTIFY_MIN_INTERVAL;
         let result: Result<()> = async {
             if conn.is_none() {
-                conn = Some(db::connect(&database_url).await?);
+                conn = Some(db::connect_named(&database_url, "jobsvc: feed notifier").await?);
             }
             conn.as_mut()
                 .expect("connected above")

@@ -2,6 +2,7 @@
 //!
 //! Module map, in the order a request meets them:
 //! - [`server`]: the tonic server (health, reflection, HTTP/2 limits, graceful shutdown).
+//! - [`admission`]: load shedding (the limit on unary calls working and queued).
 //! - [`service`]: JobService; each RPC authenticates, validates, runs one database call, replies.
 //! - [`auth`]: bearer JWT to [`auth::Caller`]; nothing else decides who may see what.
 //! - [`convert`]: the only place proto and domain types meet; request validation.
@@ -22,6 +23,7 @@
 //! caller's RLS context for users; a trigger appends the change to the history) -> commit ->
 //! wake the feed -> convert back to proto. The feed reads the history and fans the change out
 //! to streams and waiters on every replica.
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod codec;

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub pool_waiting: Gauge,
     pub jobs: Family<StatusLabels, Gauge>,
     pub slow_queries: Counter,
+    pub database_up: Gauge,
 }
 
 impl Default for Metrics {
@@ -145,6 +146,12 @@ impl Metrics {
             "Database calls slower than the slow-query threshold",
             slow_queries.clone(),
         );
+        let database_up = Gauge::default();
+        registry.register(
+            "database_up",
+            "1 while the database answers the health monitor's pings, else 0 (calls fail fast)",
+            database_up.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -160,6 +167,7 @@ impl Metrics {
             pool_waiting,
             jobs,
             slow_queries,
+            database_up,
         }
     }
 

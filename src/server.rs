@@ -11,16 +11,15 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use crate::db::health::DbHealth;
 use crate::db::{self, PgPool};
 use crate::metrics::Metrics;
 use crate::pb;
 use crate::pb::job_service_server::JobServiceServer;
 use crate::service::{AppState, JobSvc};
 
-/// Health is re-checked this often; with the ping timeout below, a lost or returned database
-/// shows in health within about 3 s.
-const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
-const HEALTH_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pool gauges are sampled this often (health follows the database monitor at once).
+const POOL_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A client that does not finish its TLS handshake within this is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,6 +55,7 @@ pub async fn run(
     let monitor = tokio::spawn(monitor_health(
         reporter,
         state.pool.clone(),
+        state.db_health.clone(),
         state.metrics.clone(),
         state.shutdown.clone(),
     ));
@@ -152,10 +152,12 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// SERVING while the database answers, NOT_SERVING otherwise, for "" and jobs.v1.JobService.
+/// SERVING while the database answers (as the health monitor last saw it), NOT_SERVING
+/// otherwise and once shutdown starts, for "" and jobs.v1.JobService. Also samples the pool.
 async fn monitor_health(
     reporter: HealthReporter,
     pool: PgPool,
+    mut db_health: DbHealth,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -166,15 +168,13 @@ async fn monitor_health(
         metrics.pool_idle.set(s.available as i64);
         metrics.pool_max.set(s.max_size as i64);
         metrics.pool_waiting.set(s.waiting as i64);
-        let status = match tokio::time::timeout(HEALTH_PING_TIMEOUT, db::ping(&pool)).await {
-            Ok(Ok(())) if !*shutdown.borrow() => ServingStatus::Serving,
-            _ => ServingStatus::NotServing,
+        let up = db_health.is_up();
+        metrics.database_up.set(i64::from(up));
+        let status = match up && !*shutdown.borrow() {
+            true => ServingStatus::Serving,
+            false => ServingStatus::NotServing,
         };
         if last != Some(status) {
-            match status {
-                ServingStatus::Serving => tracing::info!("database reachable: SERVING"),
-                _ => tracing::warn!("database unreachable: NOT_SERVING"),
-            }
             reporter.set_service_status("", status).await;
             reporter
                 .set_service_status(
@@ -189,7 +189,8 @@ async fn monitor_health(
             return;
         }
         tokio::select! {
-            _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            _ = tokio::time::sleep(POOL_SAMPLE_INTERVAL) => {}
+            _ = db_health.changed() => {}
             _ = shutdown.changed() => {}
         }
     }

@@ -52,6 +52,10 @@ pub struct AppState {
     /// Tests only: every Nth committed write answers UNAVAILABLE (0: never).
     pub fault_drop_every: u64,
     pub fault_counter: std::sync::atomic::AtomicU64,
+    /// Whether the database answers: calls fail fast while it does not.
+    pub db_health: db::health::DbHealth,
+    /// The limit on unary calls working and waiting at once.
+    pub admission: crate::admission::Admission,
     /// Flips to true when the server starts shutting down: long calls return early.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -90,6 +94,17 @@ impl JobSvc {
             ));
         }
         Ok(())
+    }
+
+    /// Runs a call's work: refused at once while the database is down, abandoned if it goes
+    /// down meanwhile, and (when `admit`) counted against the concurrency limit.
+    async fn run<T>(&self, admit: bool, work: impl Future<Output = Result<T>>) -> Result<T> {
+        self.state.db_health.check()?;
+        let _permit = match admit {
+            true => Some(self.state.admission.enter().await?),
+            false => None,
+        };
+        self.state.db_health.guard(work).await
     }
 
     /// A write committed: the feed reads it now and wakes the other replicas.
@@ -244,40 +259,41 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = Call::start("CreateJob", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            let msg = request.into_inner();
-            let owner =
-                caller.resolve_user(convert::parse_optional_uuid("user_id", &msg.user_id)?)?;
-            let new = NewJob {
-                owner,
-                agent_identifier: convert::validate_agent_identifier(
-                    "agent_identifier",
-                    &msg.agent_identifier,
-                )?,
-                job_data: match msg.job_data {
-                    Some(s) => convert::struct_to_json("job_data", s, self.state.limits)?,
-                    None => serde_json::json!({}),
-                },
-                request_id: convert::validate_request_id(&msg.request_id)?,
-            };
-            let mut db = db::scoped(&self.state.pool, &caller).await?;
-            let row = db::jobs::insert(db.conn(), &new).await;
-            let row = db.finish(row).await?;
-            if row.written {
-                self.notify();
-                self.inject_lost_response()?;
-            } else if row.job.agent_identifier != new.agent_identifier
-                || row.job.job_data.as_ref() != Some(&new.job_data)
-            {
-                return Err(Error::IdempotencyKeyReused {
-                    request_id: new.request_id.clone().unwrap_or_default(),
-                });
-            }
-            Ok(convert::job_to_pb(row.job))
-        }
-        .instrument(call.span.clone())
-        .await;
+        let result = self
+            .run(true, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let owner =
+                    caller.resolve_user(convert::parse_optional_uuid("user_id", &msg.user_id)?)?;
+                let new = NewJob {
+                    owner,
+                    agent_identifier: convert::validate_agent_identifier(
+                        "agent_identifier",
+                        &msg.agent_identifier,
+                    )?,
+                    job_data: match msg.job_data {
+                        Some(s) => convert::struct_to_json("job_data", s, self.state.limits)?,
+                        None => serde_json::json!({}),
+                    },
+                    request_id: convert::validate_request_id(&msg.request_id)?,
+                };
+                let mut db = db::scoped(&self.state.pool, &caller).await?;
+                let row = db::jobs::insert(db.conn(), &new).await;
+                let row = db.finish(row).await?;
+                if row.written {
+                    self.notify();
+                    self.inject_lost_response()?;
+                } else if row.job.agent_identifier != new.agent_identifier
+                    || row.job.job_data.as_ref() != Some(&new.job_data)
+                {
+                    return Err(Error::IdempotencyKeyReused {
+                        request_id: new.request_id.clone().unwrap_or_default(),
+                    });
+                }
+                Ok(convert::job_to_pb(row.job))
+            })
+            .instrument(call.span.clone())
+            .await;
         call.finish(result)
     }
 
@@ -286,13 +302,14 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = Call::start("GetJob", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            let id = convert::parse_uuid("id", &request.get_ref().id)?;
-            Ok(convert::job_to_pb(self.get(&caller, id).await?))
-        }
-        .instrument(call.span.clone())
-        .await;
+        let result = self
+            .run(true, async {
+                let caller = self.authenticate(&request)?;
+                let id = convert::parse_uuid("id", &request.get_ref().id)?;
+                Ok(convert::job_to_pb(self.get(&caller, id).await?))
+            })
+            .instrument(call.span.clone())
+            .await;
         call.finish(result)
     }
 
@@ -301,25 +318,26 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::UpdateStatusRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = Call::start("UpdateStatus", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            let msg = request.into_inner();
-            let change = StatusChange {
-                id: convert::parse_uuid("id", &msg.id)?,
-                target: convert::parse_status("status", msg.status)?,
-                result: msg
-                    .result
-                    .map(|v| convert::value_to_json("result", v, self.state.limits))
-                    .transpose()?,
-                error_message: convert::validate_error_message(&msg.error_message)?,
-                expected_version: msg.expected_version,
-            };
-            Ok(convert::job_to_pb(
-                self.apply_change(&caller, change).await?,
-            ))
-        }
-        .instrument(call.span.clone())
-        .await;
+        let result = self
+            .run(true, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let change = StatusChange {
+                    id: convert::parse_uuid("id", &msg.id)?,
+                    target: convert::parse_status("status", msg.status)?,
+                    result: msg
+                        .result
+                        .map(|v| convert::value_to_json("result", v, self.state.limits))
+                        .transpose()?,
+                    error_message: convert::validate_error_message(&msg.error_message)?,
+                    expected_version: msg.expected_version,
+                };
+                Ok(convert::job_to_pb(
+                    self.apply_change(&caller, change).await?,
+                ))
+            })
+            .instrument(call.span.clone())
+            .await;
         call.finish(result)
     }
 
@@ -328,21 +346,22 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = Call::start("CancelJob", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            let change = StatusChange {
-                id: convert::parse_uuid("id", &request.get_ref().id)?,
-                target: JobStatus::Cancelled,
-                result: None,
-                error_message: None,
-                expected_version: None,
-            };
-            Ok(convert::job_to_pb(
-                self.apply_change(&caller, change).await?,
-            ))
-        }
-        .instrument(call.span.clone())
-        .await;
+        let result = self
+            .run(true, async {
+                let caller = self.authenticate(&request)?;
+                let change = StatusChange {
+                    id: convert::parse_uuid("id", &request.get_ref().id)?,
+                    target: JobStatus::Cancelled,
+                    result: None,
+                    error_message: None,
+                    expected_version: None,
+                };
+                Ok(convert::job_to_pb(
+                    self.apply_change(&caller, change).await?,
+                ))
+            })
+            .instrument(call.span.clone())
+            .await;
         call.finish(result)
     }
 
@@ -351,37 +370,38 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::WaitJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = Call::start("WaitJob", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            let msg = request.into_inner();
-            let id = convert::parse_uuid("id", &msg.id)?;
-            let timeout = match msg.timeout {
-                None => WAIT_DEFAULT,
-                Some(d) => convert::parse_duration("timeout", d)?.min(WAIT_MAX),
-            };
-            let deadline = tokio::time::Instant::now() + timeout;
-            // Subscribe before the first read, so a change between the two is not missed.
-            let (mut changes, _) = self.state.feed.subscribe(Filter {
-                job_ids: [id].into(),
-                ..Default::default()
-            });
-            let mut shutdown = self.state.shutdown.clone();
-            loop {
-                let job = self.get(&caller, id).await?;
-                let now = tokio::time::Instant::now();
-                if job.status.is_terminal() || now >= deadline || *shutdown.borrow() {
-                    return Ok(convert::job_to_pb(job));
+        let result = self
+            .run(false, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let id = convert::parse_uuid("id", &msg.id)?;
+                let timeout = match msg.timeout {
+                    None => WAIT_DEFAULT,
+                    Some(d) => convert::parse_duration("timeout", d)?.min(WAIT_MAX),
+                };
+                let deadline = tokio::time::Instant::now() + timeout;
+                // Subscribe before the first read, so a change between the two is not missed.
+                let (mut changes, _) = self.state.feed.subscribe(Filter {
+                    job_ids: [id].into(),
+                    ..Default::default()
+                });
+                let mut shutdown = self.state.shutdown.clone();
+                loop {
+                    let job = self.get(&caller, id).await?;
+                    let now = tokio::time::Instant::now();
+                    if job.status.is_terminal() || now >= deadline || *shutdown.borrow() {
+                        return Ok(convert::job_to_pb(job));
+                    }
+                    let wake = (now + WAIT_REREAD_INTERVAL).min(deadline);
+                    tokio::select! {
+                        _ = wait_for_change(&mut changes) => {}
+                        _ = tokio::time::sleep_until(wake) => {}
+                        _ = shutdown.changed() => {}
+                    }
                 }
-                let wake = (now + WAIT_REREAD_INTERVAL).min(deadline);
-                tokio::select! {
-                    _ = wait_for_change(&mut changes) => {}
-                    _ = tokio::time::sleep_until(wake) => {}
-                    _ = shutdown.changed() => {}
-                }
-            }
-        }
-        .instrument(call.span.clone())
-        .await;
+            })
+            .instrument(call.span.clone())
+            .await;
         call.finish(result)
     }
 
@@ -390,40 +410,41 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let call = Call::start("ListJobs", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            let mut msg = request.into_inner();
-            let page_size = convert::page_size(msg.page_size)?;
-            let page_token = std::mem::take(&mut msg.page_token);
-            let Some(filter) = list_filter(&caller, msg, self.state.limits)? else {
-                return Ok(pb::ListJobsResponse::default());
-            };
-            let fingerprint = list_fingerprint(&filter);
-            let after = match page_token.as_str() {
-                "" => None,
-                token => Some(self.state.tokens.open_page_token(token, &fingerprint)?),
-            };
-            let mut db = db::scoped_with_custom_plans(&self.state.pool, &caller).await?;
-            let rows = db::jobs::list(db.conn(), &filter, after, page_size + 1).await;
-            let mut rows = db.finish(rows).await?;
-            let next_page_token = if rows.len() as i64 > page_size {
-                rows.truncate(page_size as usize);
-                let last = rows.last().expect("page_size is at least 1");
-                let cursor = PageCursor {
-                    created_at: last.created_at,
-                    id: last.id,
+        let result = self
+            .run(true, async {
+                let caller = self.authenticate(&request)?;
+                let mut msg = request.into_inner();
+                let page_size = convert::page_size(msg.page_size)?;
+                let page_token = std::mem::take(&mut msg.page_token);
+                let Some(filter) = list_filter(&caller, msg, self.state.limits)? else {
+                    return Ok(pb::ListJobsResponse::default());
                 };
-                self.state.tokens.page_token(&fingerprint, cursor)
-            } else {
-                String::new()
-            };
-            Ok(pb::ListJobsResponse {
-                jobs: rows.into_iter().map(convert::job_to_pb).collect(),
-                next_page_token,
+                let fingerprint = list_fingerprint(&filter);
+                let after = match page_token.as_str() {
+                    "" => None,
+                    token => Some(self.state.tokens.open_page_token(token, &fingerprint)?),
+                };
+                let mut db = db::scoped_with_custom_plans(&self.state.pool, &caller).await?;
+                let rows = db::jobs::list(db.conn(), &filter, after, page_size + 1).await;
+                let mut rows = db.finish(rows).await?;
+                let next_page_token = if rows.len() as i64 > page_size {
+                    rows.truncate(page_size as usize);
+                    let last = rows.last().expect("page_size is at least 1");
+                    let cursor = PageCursor {
+                        created_at: last.created_at,
+                        id: last.id,
+                    };
+                    self.state.tokens.page_token(&fingerprint, cursor)
+                } else {
+                    String::new()
+                };
+                Ok(pb::ListJobsResponse {
+                    jobs: rows.into_iter().map(convert::job_to_pb).collect(),
+                    next_page_token,
+                })
             })
-        }
-        .instrument(call.span.clone())
-        .await;
+            .instrument(call.span.clone())
+            .await;
         call.finish(result)
     }
 
@@ -432,54 +453,55 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::ListJobEventsRequest>,
     ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
         let call = Call::start("ListJobEvents", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            let msg = request.into_inner();
-            let job_id = convert::parse_uuid("job_id", &msg.job_id)?;
-            let page_size = convert::page_size(msg.page_size)?;
-            let after = match msg.page_token.as_str() {
-                "" => 0,
-                token => self.state.tokens.open_events_page_token(token, job_id)?,
-            };
-            let scope = caller.user();
-            let mut db = db::scoped(&self.state.pool, &caller).await?;
-            let rows = async {
-                let rows =
-                    db::events::history(db.conn(), scope, job_id, after, page_size + 1).await?;
-                // No history at all: tell a job that does not exist (for this caller) apart.
-                if rows.is_empty()
-                    && after == 0
-                    && db::jobs::get(db.conn(), scope, job_id).await?.is_none()
-                {
-                    return Err(Error::JobNotFound(job_id));
+        let result = self
+            .run(true, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let job_id = convert::parse_uuid("job_id", &msg.job_id)?;
+                let page_size = convert::page_size(msg.page_size)?;
+                let after = match msg.page_token.as_str() {
+                    "" => 0,
+                    token => self.state.tokens.open_events_page_token(token, job_id)?,
+                };
+                let scope = caller.user();
+                let mut db = db::scoped(&self.state.pool, &caller).await?;
+                let rows = async {
+                    let rows =
+                        db::events::history(db.conn(), scope, job_id, after, page_size + 1).await?;
+                    // No history at all: tell a job that does not exist (for this caller) apart.
+                    if rows.is_empty()
+                        && after == 0
+                        && db::jobs::get(db.conn(), scope, job_id).await?.is_none()
+                    {
+                        return Err(Error::JobNotFound(job_id));
+                    }
+                    Ok(rows)
                 }
-                Ok(rows)
-            }
-            .await;
-            let mut rows = db.finish(rows).await?;
-            let next_page_token = if rows.len() as i64 > page_size {
-                rows.truncate(page_size as usize);
-                let last = rows.last().expect("page_size is at least 1");
-                self.state.tokens.events_page_token(job_id, last.version)
-            } else {
-                String::new()
-            };
-            Ok(pb::ListJobEventsResponse {
-                events: rows
-                    .into_iter()
-                    .map(|r| pb::JobEvent {
-                        version: r.version,
-                        status: convert::status_to_pb(r.status) as i32,
-                        occurred_at: Some(convert::timestamp(r.occurred_at)),
-                        error_message: r.error_message.unwrap_or_default(),
-                        job_id: job_id.to_string(),
-                    })
-                    .collect(),
-                next_page_token,
+                .await;
+                let mut rows = db.finish(rows).await?;
+                let next_page_token = if rows.len() as i64 > page_size {
+                    rows.truncate(page_size as usize);
+                    let last = rows.last().expect("page_size is at least 1");
+                    self.state.tokens.events_page_token(job_id, last.version)
+                } else {
+                    String::new()
+                };
+                Ok(pb::ListJobEventsResponse {
+                    events: rows
+                        .into_iter()
+                        .map(|r| pb::JobEvent {
+                            version: r.version,
+                            status: convert::status_to_pb(r.status) as i32,
+                            occurred_at: Some(convert::timestamp(r.occurred_at)),
+                            error_message: r.error_message.unwrap_or_default(),
+                            job_id: job_id.to_string(),
+                        })
+                        .collect(),
+                    next_page_token,
+                })
             })
-        }
-        .instrument(call.span.clone())
-        .await;
+            .instrument(call.span.clone())
+            .await;
         call.finish(result)
     }
 
@@ -491,40 +513,41 @@ impl pb::job_service_server::JobService for JobSvc {
     ) -> Result<Response<Self::StreamJobUpdatesStream>, Status> {
         let call = Call::start("StreamJobUpdates", &request, &self.state.metrics);
         let request_id = call.request_id.clone();
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            let msg = request.into_inner();
-            let filter = stream_filter(&caller, &msg)?;
-            // A resume token wins over include_existing: a client may send the same request
-            // again with the token it got, and then wants the changes, not a new snapshot.
-            let start = match msg.resume_token.as_str() {
-                "" if msg.include_existing => Start::Existing,
-                "" => Start::Now,
-                token => {
-                    let (at, skip) = self.state.tokens.open_resume_token(token)?;
-                    stream::check_resumable(&self.state.pool, at).await?;
-                    Start::Resume(at, skip)
+        let result = self
+            .run(false, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let filter = stream_filter(&caller, &msg)?;
+                // A resume token wins over include_existing: a client may send the same request
+                // again with the token it got, and then wants the changes, not a new snapshot.
+                let start = match msg.resume_token.as_str() {
+                    "" if msg.include_existing => Start::Existing,
+                    "" => Start::Now,
+                    token => {
+                        let (at, skip) = self.state.tokens.open_resume_token(token)?;
+                        stream::check_resumable(&self.state.pool, at).await?;
+                        Start::Resume(at, skip)
+                    }
+                };
+                let rx = stream::Stream {
+                    pool: self.state.pool.clone(),
+                    database_url: self.state.database_url.clone(),
+                    snapshot_slots: self.state.snapshot_slots.clone(),
+                    feed: self.state.feed.clone(),
+                    caller,
+                    filter,
+                    start,
+                    heartbeat: self.state.stream_heartbeat,
+                    shutdown: self.state.shutdown.clone(),
+                    request_id,
+                    open: crate::metrics::GaugeGuard::new(&self.state.metrics.open_streams),
                 }
-            };
-            let rx = stream::Stream {
-                pool: self.state.pool.clone(),
-                database_url: self.state.database_url.clone(),
-                snapshot_slots: self.state.snapshot_slots.clone(),
-                feed: self.state.feed.clone(),
-                caller,
-                filter,
-                start,
-                heartbeat: self.state.stream_heartbeat,
-                shutdown: self.state.shutdown.clone(),
-                request_id,
-                open: crate::metrics::GaugeGuard::new(&self.state.metrics.open_streams),
-            }
-            .start()
-            .await?;
-            Ok(Box::pin(ReceiverStream::new(rx)) as UpdateStream)
-        }
-        .instrument(call.span.clone())
-        .await;
+                .start()
+                .await?;
+                Ok(Box::pin(ReceiverStream::new(rx)) as UpdateStream)
+            })
+            .instrument(call.span.clone())
+            .await;
         call.finish(result)
     }
 
@@ -533,31 +556,32 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::JobStats>, Status> {
         let call = Call::start("GetStats", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            let msg = request.into_inner();
-            let user =
-                caller.resolve_user(convert::parse_optional_uuid("user_id", &msg.user_id)?)?;
-            let agent = match msg.agent_identifier.as_str() {
-                "" => None,
-                a => Some(convert::validate_agent_identifier("agent_identifier", a)?),
-            };
-            let mut db = db::scoped(&self.state.pool, &caller).await?;
-            let figures = db::stats::get(db.conn(), user, agent.as_deref()).await;
-            let (c, oldest) = db.finish(figures).await?;
-            Ok(pb::JobStats {
-                total: c.total,
-                pending: c.pending,
-                running: c.running,
-                completed: c.completed,
-                failed: c.failed,
-                cancelled: c.cancelled,
-                avg_processing_seconds: c.avg_processing_seconds,
-                oldest_pending_created_at: oldest.map(convert::timestamp),
+        let result = self
+            .run(true, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let user =
+                    caller.resolve_user(convert::parse_optional_uuid("user_id", &msg.user_id)?)?;
+                let agent = match msg.agent_identifier.as_str() {
+                    "" => None,
+                    a => Some(convert::validate_agent_identifier("agent_identifier", a)?),
+                };
+                let mut db = db::scoped(&self.state.pool, &caller).await?;
+                let figures = db::stats::get(db.conn(), user, agent.as_deref()).await;
+                let (c, oldest) = db.finish(figures).await?;
+                Ok(pb::JobStats {
+                    total: c.total,
+                    pending: c.pending,
+                    running: c.running,
+                    completed: c.completed,
+                    failed: c.failed,
+                    cancelled: c.cancelled,
+                    avg_processing_seconds: c.avg_processing_seconds,
+                    oldest_pending_created_at: oldest.map(convert::timestamp),
+                })
             })
-        }
-        .instrument(call.span.clone())
-        .await;
+            .instrument(call.span.clone())
+            .await;
         call.finish(result)
     }
 }

@@ -3,6 +3,7 @@
 //! All SQL lives below this module; every query function takes a connection so the caller of
 //! the function owns the transaction.
 pub mod events;
+pub mod health;
 pub mod jobs;
 pub mod models;
 pub mod schema;
@@ -243,17 +244,27 @@ pub async fn run_batches(
     }
 }
 
-/// One cheap round trip, for health checks.
-pub async fn ping(pool: &PgPool) -> Result<()> {
-    use diesel_async::RunQueryDsl;
-    let mut conn = pool.get().await?;
-    diesel::sql_query("SELECT 1").execute(&mut conn).await?;
-    Ok(())
-}
+/// A connection attempt that takes longer is abandoned (a database behind a partition would
+/// otherwise hold it until TCP gives up).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects once, outside the pool (for tools and tests).
 pub async fn connect(database_url: &str) -> Result<AsyncPgConnection> {
-    AsyncPgConnection::establish(database_url)
-        .await
-        .map_err(|e| Error::Unavailable(Box::new(e)))
+    match tokio::time::timeout(CONNECT_TIMEOUT, AsyncPgConnection::establish(database_url)).await {
+        Ok(conn) => conn.map_err(|e| Error::Unavailable(Box::new(e))),
+        Err(_) => Err(Error::Unavailable(
+            "connecting to the database timed out".into(),
+        )),
+    }
+}
+
+/// Connects once, outside the pool, naming the connection in `pg_stat_activity` (so operators
+/// and tests can tell the feed's, the monitor's and the pool's connections apart).
+pub async fn connect_named(database_url: &str, name: &'static str) -> Result<AsyncPgConnection> {
+    use diesel_async::SimpleAsyncConnection;
+    let mut conn = connect(database_url).await?;
+    // `name` is a constant of ours, with no quote in it.
+    conn.batch_execute(&format!("SET application_name = '{name}'"))
+        .await?;
+    Ok(conn)
 }

@@ -35,8 +35,20 @@ fn clean_stale_dirs() {
     }
 }
 
-/// A new private cluster under the temp directory, listening on a free loopback port.
+/// A new private cluster under the temp directory, listening on a free loopback port. Not
+/// durable (no fsync, asynchronous commit): fast, but a crash of PostgreSQL may lose the last
+/// acknowledged commits; see [`new_durable_cluster`].
 pub async fn new_cluster(tag: &str) -> EmbeddedPg {
+    cluster(tag, false).await
+}
+
+/// Like [`new_cluster`], but with the default durability settings (synchronous commit), for
+/// tests that crash PostgreSQL and then count acknowledged commits.
+pub async fn new_durable_cluster(tag: &str) -> EmbeddedPg {
+    cluster(tag, true).await
+}
+
+async fn cluster(tag: &str, durable: bool) -> EmbeddedPg {
     init_logs();
     let dir = std::env::temp_dir()
         .join(format!("jobsvc-test-{}", std::process::id()))
@@ -46,7 +58,7 @@ pub async fn new_cluster(tag: &str) -> EmbeddedPg {
         &dir,
         PgOptions {
             tcp_port: Some(0),
-            durable: false,
+            durable,
             max_connections: 400,
         },
     )
