@@ -98,6 +98,9 @@ pub async fn run(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .tcp_nodelay(true)
+        .layer(tower::util::MapResponseLayer::new(move |r| {
+            oversized_request_answer(r, limits.max_message_bytes)
+        }))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -107,6 +110,80 @@ pub async fn run(
     monitor.abort();
     folder.abort();
     result
+}
+
+/// tonic refuses a request larger than the message limit itself, from its length prefix and
+/// before any codec sees it, with OUT_OF_RANGE and no ErrorInfo. gRPC's convention (grpc-go,
+/// grpc-java) is RESOURCE_EXHAUSTED; this rewrites that one answer to RESOURCE_EXHAUSTED
+/// `MESSAGE_TOO_LARGE` with ErrorInfo, like every other refusal here. tonic has no hook for
+/// it, and the status travels in the trailers (or in the headers of a trailers-only
+/// response), hence a map of both on the way out.
+fn oversized_request_answer(
+    response: http::Response<tonic::body::Body>,
+    limit: usize,
+) -> http::Response<tonic::body::Body> {
+    let (mut parts, body) = response.into_parts();
+    rewrite_oversized(&mut parts.headers, limit);
+    let body = tonic::body::Body::new(OversizedTrailers { inner: body, limit });
+    http::Response::from_parts(parts, body)
+}
+
+fn rewrite_oversized(headers: &mut http::HeaderMap, limit: usize) {
+    // tonic's message, as it percent-encodes it into the header.
+    const TONIC_MESSAGE: &str = "Error,%20decoded%20message%20length%20too%20large";
+    let oversized = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .is_some_and(|m| m.as_bytes().starts_with(TONIC_MESSAGE.as_bytes()));
+    if oversized {
+        let status = crate::error::Error::ResourceExhausted {
+            reason: "MESSAGE_TOO_LARGE",
+            message: format!(
+                "the request is larger than the server's limit of {limit} bytes; \
+                 send smaller job_data or result"
+            ),
+        }
+        .into_status("");
+        headers.remove("grpc-message");
+        // Replaces grpc-status and adds the message and the details (ErrorInfo).
+        let _ = status.add_header(headers);
+    }
+}
+
+/// A response body whose trailers go through [`rewrite_oversized`].
+struct OversizedTrailers {
+    inner: tonic::body::Body,
+    limit: usize,
+}
+
+impl http_body::Body for OversizedTrailers {
+    type Data = prost::bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    rewrite_oversized(&mut trailers, this.limit);
+                    std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+                }
+                Err(frame) => std::task::Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// How often the stats rollup's per-writer rows are merged (a few hundred rows at most

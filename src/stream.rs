@@ -128,6 +128,8 @@ impl Stream {
             };
             match result {
                 Ok(()) => tracing::debug!(request_id, "stream ended"),
+                // Nobody to tell (and nothing went wrong on our side).
+                Err(_) if tx.is_closed() => tracing::debug!(request_id, "client went away"),
                 Err(e) => {
                     tracing::info!(request_id, reason = e.reason(), "stream ended with error");
                     // A client that does not read does not keep the task.

@@ -721,3 +721,157 @@ async fn corpus_of_malformed_requests_gets_exact_codes_and_reasons() {
     assert_eq!(listed, vec![job]);
     server.stop().await;
 }
+
+/// Sends bytes as they are, whatever the RPC expects.
+#[derive(Clone, Copy, Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use prost::bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+/// Bytes that are not protobuf at all, or not the RPC's request type, to every RPC: INVALID_ARGUMENT
+/// MALFORMED_MESSAGE. A request over the message size limit (4 MiB): RESOURCE_EXHAUSTED
+/// MESSAGE_TOO_LARGE. Nothing is written and the server keeps serving.
+#[tokio::test]
+async fn raw_malformed_and_oversized_messages_get_exact_codes_and_reasons() {
+    let server = TestServer::start().await;
+    let mut c = server.service().await;
+    let token: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", crate::harness::service_token())
+            .parse()
+            .unwrap();
+    let methods = [
+        ("CreateJob", false),
+        ("GetJob", false),
+        ("UpdateStatus", false),
+        ("CancelJob", false),
+        ("WaitJob", false),
+        ("ListJobs", false),
+        ("ListJobEvents", false),
+        ("GetStats", false),
+        ("StreamJobUpdates", true),
+    ];
+    let oversized = {
+        // Field 1 as a 4 MiB string: the size alone must refuse it.
+        let mut b = vec![0x0a, 0x80, 0x80, 0x80, 0x02];
+        b.resize(b.len() + (4 << 20), b'a');
+        b
+    };
+    let payloads: Vec<(&str, Vec<u8>, Code, &str)> = vec![
+        (
+            "wire type 7",
+            vec![0xff],
+            Code::InvalidArgument,
+            "MALFORMED_MESSAGE",
+        ),
+        (
+            "field 0",
+            vec![0x00, 0x01],
+            Code::InvalidArgument,
+            "MALFORMED_MESSAGE",
+        ),
+        (
+            "truncated varint",
+            vec![0x08, 0x80],
+            Code::InvalidArgument,
+            "MALFORMED_MESSAGE",
+        ),
+        (
+            "length past the end",
+            vec![0x0a, 0x05, b'a'],
+            Code::InvalidArgument,
+            "MALFORMED_MESSAGE",
+        ),
+        (
+            "field 1 with invalid UTF-8",
+            vec![0x0a, 0x02, 0xc3, 0x28],
+            Code::InvalidArgument,
+            "MALFORMED_MESSAGE",
+        ),
+        (
+            "overlong varint tag",
+            vec![0x80; 11],
+            Code::InvalidArgument,
+            "MALFORMED_MESSAGE",
+        ),
+        (
+            "over the size limit",
+            oversized,
+            Code::ResourceExhausted,
+            "MESSAGE_TOO_LARGE",
+        ),
+    ];
+    let mut grpc =
+        tonic::client::Grpc::new(server.channel().await).max_encoding_message_size(usize::MAX);
+    let mut wrong = Vec::new();
+    let mut total = 0;
+    for (method, streaming) in methods {
+        for (what, bytes, code, want) in &payloads {
+            total += 1;
+            let path =
+                http::uri::PathAndQuery::try_from(format!("/jobs.v1.JobService/{method}")).unwrap();
+            let mut req = tonic::Request::new(bytes.clone());
+            req.metadata_mut().insert("authorization", token.clone());
+            grpc.ready().await.unwrap();
+            let result = if streaming {
+                grpc.server_streaming(req, path, Raw).await.map(drop)
+            } else {
+                grpc.unary(req, path, Raw).await.map(drop)
+            };
+            match result {
+                Ok(()) => wrong.push(format!("{method} {what}: accepted")),
+                Err(status) => {
+                    let got = crate::harness::reason(&status);
+                    if status.code() != *code || got != *want {
+                        wrong.push(format!("{method} {what}: {status:?}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {total} wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    // Nothing was written, and the server still answers.
+    assert!(crate::harness::all_jobs(&mut c).await.is_empty());
+    server.stop().await;
+}
