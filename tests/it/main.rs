@@ -12,6 +12,7 @@ mod list;
 mod ops;
 mod overload;
 mod proxy;
+mod soak;
 mod stats;
 mod stream;
 mod stream_faults;
