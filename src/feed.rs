@@ -298,6 +298,8 @@ pub struct Feed {
     /// every matching event up to it.
     position: watch::Receiver<Position>,
     wake: Notify,
+    /// A first subscriber arrived: an idle reader reads again at once.
+    subscribed: Notify,
     committed: Notify,
     pub tokens: TokenKey,
     metrics: Arc<crate::metrics::Metrics>,
@@ -322,6 +324,7 @@ impl Feed {
             queue_events: config.queue_events.max(1),
             position,
             wake: Notify::new(),
+            subscribed: Notify::new(),
             committed: Notify::new(),
             tokens,
             metrics,
@@ -358,6 +361,7 @@ impl Feed {
             lagged: lagged.clone(),
         });
         let at = *self.position.borrow();
+        self.subscribed.notify_one();
         let sub = Subscription {
             id,
             rx,
@@ -419,10 +423,23 @@ async fn read_loop(
                 d
             }
         };
-        tokio::select! {
-            _ = feed.wake.notified() => {}
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return,
+        // With nobody subscribed, commits need no read: a subscriber starts from the history
+        // at the published position, however old. So an idle reader only keeps the position
+        // fresh every poll, and wakes for the first subscriber (not for every commit, which
+        // under load would mean hundreds of reads a second for no one).
+        let idle = feed.registry.lock().unwrap().entries.is_empty();
+        if idle {
+            tokio::select! {
+                _ = feed.subscribed.notified() => {}
+                _ = tokio::time::sleep(poll.max(delay)) => {}
+                _ = shutdown.changed() => return,
+            }
+        } else {
+            tokio::select! {
+                _ = feed.wake.notified() => {}
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
         }
     }
 }
