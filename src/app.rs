@@ -244,7 +244,7 @@ pub async fn run_server(
     )
     .await?;
     let state = Arc::new(AppState {
-        pool,
+        pool: pool.clone(),
         database_url: database_url.into(),
         auth: Authenticator::new(secret, args.jwt_leeway),
         limits: JsonLimits {
@@ -254,10 +254,18 @@ pub async fn run_server(
         tokens,
         feed,
         stream_heartbeat: args.stream_heartbeat,
-        metrics,
+        metrics: metrics.clone(),
         snapshot_slots: Arc::new(tokio::sync::Semaphore::new(
             crate::stream::SNAPSHOT_CONNECTIONS,
         )),
+        creates: crate::batch::Creates::start(
+            pool.clone(),
+            match args.create_batch_workers {
+                0 => (args.pool_size / 4).max(1),
+                n => n,
+            },
+            metrics.clone(),
+        ),
         db_health: db::health::DbHealth::start(database_url.to_owned(), shutdown_rx.clone()),
         admission: crate::admission::Admission::new(
             args.max_concurrent_calls as usize,

@@ -212,6 +212,16 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0, hide = true)]
     pub fault_drop_every: u64,
 
+    /// CreateJob statements in flight at once; creates arriving meanwhile share the next
+    /// statement and commit. 0 (the default): a quarter of the pool.
+    #[arg(
+        long,
+        env = "JOBSVC_CREATE_BATCH_WORKERS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub create_batch_workers: usize,
+
     /// Events queued for one stream before it has to catch up from the history instead
     /// (tests make it small to exercise that path).
     #[arg(

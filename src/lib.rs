@@ -4,6 +4,7 @@
 //! - [`server`]: the tonic server (health, reflection, HTTP/2 limits, graceful shutdown).
 //! - [`admission`]: load shedding (the limit on unary calls working and queued).
 //! - [`service`]: JobService; each RPC authenticates, validates, runs one database call, replies.
+//! - [`batch`]: natural batching of CreateJob (concurrent creates share a statement).
 //! - [`auth`]: bearer JWT to [`auth::Caller`]; nothing else decides who may see what.
 //! - [`convert`]: the only place proto and domain types meet; request validation.
 //! - [`domain`]: job states and the transition table.
@@ -26,6 +27,7 @@
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod batch;
 pub mod codec;
 pub mod config;
 pub mod convert;

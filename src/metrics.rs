@@ -55,6 +55,7 @@ pub struct Metrics {
     pub jobs: Family<StatusLabels, Gauge>,
     pub slow_queries: Counter,
     pub database_up: Gauge,
+    pub create_batch_rows: Histogram,
 }
 
 impl Default for Metrics {
@@ -152,6 +153,12 @@ impl Metrics {
             "1 while the database answers the health monitor's pings, else 0 (calls fail fast)",
             database_up.clone(),
         );
+        let create_batch_rows = Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
+        registry.register(
+            "create_batch_rows",
+            "CreateJob requests written per statement (natural batching)",
+            create_batch_rows.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -168,6 +175,7 @@ impl Metrics {
             jobs,
             slow_queries,
             database_up,
+            create_batch_rows,
         }
     }
 

@@ -54,6 +54,8 @@ pub struct AppState {
     pub fault_counter: std::sync::atomic::AtomicU64,
     /// Whether the database answers: calls fail fast while it does not.
     pub db_health: db::health::DbHealth,
+    /// CreateJob's writer: concurrent creates share statements and commits.
+    pub creates: crate::batch::Creates,
     /// The limit on unary calls working and waiting at once.
     pub admission: crate::admission::Admission,
     /// Flips to true when the server starts shutting down: long calls return early.
@@ -277,9 +279,7 @@ impl pb::job_service_server::JobService for JobSvc {
                     },
                     request_id: convert::validate_request_id(&msg.request_id)?,
                 };
-                let mut db = db::scoped(&self.state.pool, &caller).await?;
-                let row = db::jobs::insert(db.conn(), &new).await;
-                let row = db.finish(row).await?;
+                let (row, new) = self.state.creates.create(caller, new).await?;
                 if row.written {
                     self.notify();
                     self.inject_lost_response()?;

@@ -75,6 +75,63 @@ pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<Writte
         return Ok(row);
     }
     // Only reachable with a request_id whose first job committed during our statement.
+    by_request_id(conn, job).await
+}
+
+// Many creates in one statement (natural batching, see `crate::batch`): the same insert as
+// INSERT_SQL for every row of the arrays, each row's job id chosen by the caller so that
+// inserted rows map back to their requests; rows whose owner already used the request_id
+// come back from the lookups (one per kind of owner, each an index condition on
+// jobs_owner_request_id_key). One statement text for every batch size, so it is prepared once.
+const INSERT_MANY_SQL: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[])
+        AS t(id, user_id, agent_identifier, job_data, request_id)
+), ins AS (
+    INSERT INTO jobs (id, user_id, agent_identifier, job_data, request_id)
+    SELECT id, user_id, agent_identifier, job_data, request_id FROM input
+    ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
+    RETURNING *
+)
+SELECT ins.*, true AS written FROM ins
+UNION ALL
+SELECT j.*, false FROM input i JOIN jobs j ON j.user_id = i.user_id AND j.request_id = i.request_id
+WHERE i.request_id IS NOT NULL AND i.id NOT IN (SELECT id FROM ins)
+UNION ALL
+SELECT j.*, false FROM input i JOIN jobs j ON j.user_id IS NULL AND j.request_id = i.request_id
+WHERE i.request_id IS NOT NULL AND i.user_id IS NULL AND i.id NOT IN (SELECT id FROM ins)";
+
+/// Inserts `jobs` (with the given new ids) in one statement; returns the rows written and the
+/// existing rows of request_ids already used, in no particular order. A job whose request_id
+/// was taken by a transaction that committed during the statement has no row here (see
+/// [`by_request_id`]). The request_ids of `jobs` must be distinct per owner.
+pub async fn insert_many(
+    conn: &mut AsyncPgConnection,
+    jobs: &[(Uuid, &NewJob)],
+) -> Result<Vec<WrittenRow>> {
+    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
+    let owners: Vec<Option<Uuid>> = jobs.iter().map(|(_, j)| j.owner).collect();
+    let agents: Vec<&str> = jobs
+        .iter()
+        .map(|(_, j)| j.agent_identifier.as_str())
+        .collect();
+    let data: Vec<&serde_json::Value> = jobs.iter().map(|(_, j)| &j.job_data).collect();
+    let request_ids: Vec<Option<&str>> =
+        jobs.iter().map(|(_, j)| j.request_id.as_deref()).collect();
+    let rows = diesel::sql_query(INSERT_MANY_SQL)
+        .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
+        .bind::<Array<Nullable<diesel::sql_types::Uuid>>, _>(owners)
+        .bind::<Array<Text>, _>(agents)
+        .bind::<Array<Jsonb>, _>(data)
+        .bind::<Array<Nullable<Text>>, _>(request_ids)
+        .load(conn)
+        .await?;
+    Ok(rows)
+}
+
+/// The existing job of an owner's request_id (after a conflict with a concurrent insert).
+pub async fn by_request_id(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
+    let owner = owner_match(job.owner);
     let row: WrittenRow = diesel::sql_query(BY_REQUEST_ID_SQL.replace("{owner}", owner))
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())

@@ -30,7 +30,7 @@ pub struct JobRow {
 }
 
 /// A job row plus whether this statement wrote it (insert or compare-and-set).
-#[derive(Debug, QueryableByName)]
+#[derive(Debug, Clone, QueryableByName)]
 pub struct WrittenRow {
     #[diesel(embed)]
     pub job: JobRow,

@@ -2,6 +2,7 @@
 mod ambiguous;
 mod auth;
 mod bad_input;
+mod batching;
 mod clients;
 mod faults;
 mod foundation;

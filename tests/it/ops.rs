@@ -7,7 +7,7 @@ use tonic::Code;
 
 use crate::harness::{Bearer, TestServer, eventually, fresh_database, service_token, shared_pg};
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -16,7 +16,7 @@ fn free_port() -> u16 {
 }
 
 /// One GET of the metrics endpoint; the body.
-async fn scrape(port: u16) -> String {
+pub async fn scrape(port: u16) -> String {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -30,7 +30,7 @@ async fn scrape(port: u16) -> String {
 }
 
 /// The value of the sample line `name{labels}` (labels as rendered), if present.
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

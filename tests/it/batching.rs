@@ -1,0 +1,120 @@
+//! Natural batching of CreateJob: concurrent creates of several callers, with request_ids
+//! repeated inside and across batches, share statements yet each gets exactly its own answer.
+use std::collections::{HashMap, HashSet};
+
+use jobsvc::pb;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::harness::{TestServer, all_jobs, fresh_database, reason, shared_pg};
+use crate::ops::{free_port, sample, scrape};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_share_statements_and_each_gets_its_own_answer() {
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    let port = free_port();
+    // One writer: every create that arrives while a statement is in flight joins the next.
+    let server = TestServer::start_on(
+        &url,
+        &[
+            "--create-batch-workers",
+            "1",
+            "--max-queued-calls",
+            "1000",
+            "--queue-timeout",
+            "30s",
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    )
+    .await;
+    let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let mut tasks = Vec::new();
+    // 3 users and the service role, 100 creates each, all at once. Every fifth create reuses
+    // one of 4 request_ids (the same payload); one in ten of those sends another payload.
+    for caller in 0..4 {
+        let c = match caller {
+            3 => server.service().await,
+            u => server.user(users[u]).await,
+        };
+        for i in 0..100 {
+            let mut c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                let (request_id, agent) = match i % 5 {
+                    0 if i % 50 == 0 => (format!("shared-{}", i % 4), "other".to_owned()),
+                    0 => (format!("shared-{}", i % 4), "same".to_owned()),
+                    _ => (String::new(), format!("a{i}")),
+                };
+                let r = c
+                    .create_job(pb::CreateJobRequest {
+                        agent_identifier: agent.clone(),
+                        request_id: request_id.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                (caller, request_id, agent, r)
+            }));
+        }
+    }
+    let mut by_key: HashMap<(usize, String), HashSet<String>> = HashMap::new();
+    let mut plain = 0;
+    let mut reused = 0;
+    for t in tasks {
+        let (caller, request_id, agent, r) = t.await.unwrap();
+        match r {
+            Ok(job) => {
+                let job = job.into_inner();
+                assert_eq!(
+                    job.agent_identifier, agent,
+                    "each create gets its own job back"
+                );
+                if request_id.is_empty() {
+                    plain += 1;
+                } else {
+                    by_key
+                        .entry((caller, request_id))
+                        .or_default()
+                        .insert(job.id);
+                }
+            }
+            Err(s) => {
+                // Only a reused request_id with another payload may be refused, if its first
+                // use had the other payload.
+                assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
+                assert_eq!(reason(&s), "IDEMPOTENCY_KEY_REUSED");
+                reused += 1;
+            }
+        }
+    }
+    assert_eq!(plain, 4 * 80);
+    assert_eq!(by_key.len(), 4 * 4, "every caller used 4 request_ids");
+    assert!(
+        by_key.values().all(|ids| ids.len() == 1),
+        "one job per caller and request_id: {by_key:?}"
+    );
+    // Per caller, shared-0 and shared-2 each had one create with the other payload: either it
+    // was refused, or (if it came first) the four with the same payload were.
+    assert!((4 * 2..=4 * 8).contains(&reused), "{reused} refused");
+    // The database agrees: 80 plain jobs and 4 request_id jobs per caller.
+    let mut service = server.service().await;
+    let jobs = all_jobs(&mut service).await;
+    assert_eq!(jobs.len(), 4 * (80 + 4));
+    for u in &users {
+        assert_eq!(
+            jobs.iter().filter(|j| j.user_id == u.to_string()).count(),
+            84
+        );
+    }
+    // And statements were shared: fewer statements than creates.
+    let text = scrape(port).await;
+    let statements = sample(&text, "jobsvc_create_batch_rows_count").unwrap();
+    let rows = sample(&text, "jobsvc_create_batch_rows_sum").unwrap();
+    assert_eq!(rows, 400.0);
+    assert!(
+        statements < rows,
+        "{statements} statements for {rows} creates"
+    );
+    eprintln!("{rows} creates in {statements} statements");
+    server.stop().await;
+}
