@@ -24,7 +24,9 @@ use uuid::Uuid;
 const SECRET: &str = "bench-secret-0123456789-0123456789-abcdef";
 const SCENARIOS: &[&str] = &[
     "create",
+    "create-idempotent",
     "create-rls",
+    "update",
     "lifecycle",
     "get",
     "get-rls",
@@ -32,17 +34,20 @@ const SCENARIOS: &[&str] = &[
     "list-deep",
     "stats",
     "stats-user",
-    "stream",
+    "mixed",
+    "fanout",
 ];
 
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark jobsvc against pgbench on the same database")]
 struct Args {
-    /// Scenario name, or `all`: create, create-rls, lifecycle (create, running, completed),
-    /// get, get-rls, list-first, list-deep, stats (GetStats, all jobs), stats-user (one user),
-    /// stream (the change feed: write throughput with subscribers, delivery latency, fan-out
-    /// limit, memory per stream, raw LISTEN/NOTIFY; its own report). `all` is every scenario
-    /// but stream.
+    /// Scenario name, or `all` (every scenario, fanout last): create, create-idempotent (with
+    /// a request_id), create-rls (as a user), update (UpdateStatus alone), lifecycle (create,
+    /// running, completed), get, get-rls, list-first, list-deep, stats (GetStats, all jobs),
+    /// stats-user (one user), mixed (60% list, 25% update, 15% create), fanout (the change
+    /// feed, also called `stream`: write throughput with subscribers, commit-to-subscriber
+    /// latency with 1 and 1,000 subscribers, fan-out limit, memory per stream, raw
+    /// LISTEN/NOTIFY; its own report).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Concurrent callers (and pgbench clients).
@@ -88,6 +93,8 @@ struct Env {
     url: String,
     addr: std::net::SocketAddr,
     loaded_jobs: i64,
+    /// The next free number for [`load_pending`].
+    next_pending: u64,
 }
 
 #[derive(Default)]
@@ -105,11 +112,9 @@ struct Outcome {
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args = Args::parse();
     let names: Vec<&str> = if args.scenario == "all" {
-        SCENARIOS
-            .iter()
-            .copied()
-            .filter(|s| *s != "stream")
-            .collect()
+        SCENARIOS.to_vec()
+    } else if args.scenario == "stream" {
+        vec!["fanout"]
     } else if SCENARIOS.contains(&args.scenario.as_str()) {
         vec![args.scenario.as_str()]
     } else {
@@ -119,12 +124,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         )
         .into());
     };
-    let mut env = start(&args).await?;
-    if names == ["stream"] {
-        stream::run(&args, &env).await?;
-        env.pg.stop().await;
-        return Ok(());
-    }
+    let mut env = start(&args, names.contains(&"fanout")).await?;
     if !args.json {
         println!(
             "{:<12} {:>10} {:>9} {:>9} {:>9} {:>12} {:>12} {:>7}",
@@ -132,6 +132,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         );
     }
     for name in names {
+        if name == "fanout" {
+            stream::run(&args, &env).await?;
+            continue;
+        }
         let o = run_scenario(&args, &mut env, name).await?;
         let ratio = o.pgbench_tps.map(|t| o.rps / t);
         if args.json {
@@ -161,7 +165,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     Ok(())
 }
 
-async fn start(args: &Args) -> Result<Env, Box<dyn std::error::Error + Send + Sync>> {
+async fn start(
+    args: &Args,
+    commit_timestamps: bool,
+) -> Result<Env, Box<dyn std::error::Error + Send + Sync>> {
     let _ = std::fs::remove_dir_all(&args.data_dir);
     let pg = EmbeddedPg::init(
         &args.data_dir,
@@ -172,7 +179,7 @@ async fn start(args: &Args) -> Result<Env, Box<dyn std::error::Error + Send + Sy
         },
     )?;
     pg.start().await?;
-    if args.scenario == "stream" {
+    if commit_timestamps {
         // Commit timestamps, for commit-to-subscriber latency.
         let mut conn = jobsvc::db::connect(&pg.url("postgres")).await?;
         diesel::sql_query("ALTER SYSTEM SET track_commit_timestamp = on")
@@ -217,6 +224,7 @@ async fn start(args: &Args) -> Result<Env, Box<dyn std::error::Error + Send + Sy
         url,
         addr,
         loaded_jobs: 0,
+        next_pending: 1,
     })
 }
 
@@ -266,6 +274,68 @@ async fn load(env: &mut Env, n: i64) -> Result<(), Box<dyn std::error::Error + S
     Ok(())
 }
 
+/// The id of updatable bench job `n` (also computable in SQL for pgbench).
+fn pending_id(n: u64) -> String {
+    format!("00000000-0000-0000-0001-{n:012}")
+}
+const PENDING_ID_SQL: &str = "('00000000-0000-0000-0001-' || lpad(:n::text, 12, '0'))::uuid";
+
+/// Pending jobs `from..from+n` with ids from [`pending_id`], over users 1..=1000, for the update
+/// scenarios (each can move once to running and once to completed).
+async fn load_pending(
+    env: &Env,
+    from: u64,
+    n: u64,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut conn = jobsvc::db::connect(&env.url).await?;
+    diesel::sql_query(format!(
+        "INSERT INTO jobs (id, user_id, agent_identifier, job_data)
+         SELECT ('00000000-0000-0000-0001-' || lpad(i::text, 12, '0'))::uuid,
+                ('00000000-0000-0000-0000-' || lpad((1 + i % 1000)::text, 12, '0'))::uuid,
+                'bench', '{{}}'
+         FROM generate_series({from}, {}) AS i",
+        from + n - 1
+    ))
+    .execute(&mut conn)
+    .await?;
+    diesel::sql_query("VACUUM ANALYZE jobs")
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+/// Caller `w`'s `i`th UpdateStatus on the jobs from `first`: each job of the caller's own
+/// slice moves to running, then to completed.
+async fn update_call(mut c: Client, first: u64, concurrency: usize, w: usize, i: u64) -> bool {
+    let n = first + w as u64 + (i / 2) * concurrency as u64;
+    let status = if i.is_multiple_of(2) {
+        pb::JobStatus::Running
+    } else {
+        pb::JobStatus::Completed
+    };
+    c.update_status(pb::UpdateStatusRequest {
+        id: pending_id(n),
+        status: status as i32,
+        ..Default::default()
+    })
+    .await
+    .is_ok()
+}
+
+/// The pgbench twin of one UpdateStatus: the same compare-and-set on a random pending job of
+/// its own range.
+fn pgbench_update(from: u64, to: u64) -> String {
+    format!(
+        "\\set n random({from}, {to})\n\
+         UPDATE jobs SET status = 'running', started_at = now() WHERE id = {PENDING_ID_SQL} AND status = 'pending' RETURNING *;\n"
+    )
+}
+
+/// The pgbench twin of one CreateJob (the ~300-byte job_data of [`create_call`]).
+const PGBENCH_INSERT: &str = "INSERT INTO jobs (user_id, agent_identifier, job_data) VALUES \
+     ('00000000-0000-0000-0000-000000000001', 'bench', \
+     '{\"kind\": \"k1\", \"priority\": 3, \"payload\": \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}') RETURNING *;\n";
+
 type Client = JobServiceClient<tonic::service::interceptor::InterceptedService<Channel, Auth>>;
 
 #[derive(Clone)]
@@ -288,13 +358,14 @@ async fn client(addr: std::net::SocketAddr, role: &str, sub: Option<Uuid>) -> Cl
     JobServiceClient::with_interceptor(channel, Auth(format!("Bearer {token}").parse().unwrap()))
 }
 
-/// One CreateJob with a ~300-byte job_data.
-async fn create_call(mut c: Client, agent: String) -> bool {
+/// One CreateJob with a ~300-byte job_data (and `request_id`, if not empty).
+async fn create_call(mut c: Client, agent: String, request_id: String) -> bool {
     c.create_job(pb::CreateJobRequest {
         agent_identifier: agent,
         job_data: Some(jobsvc::convert::json_to_struct(
             serde_json::json!({"kind": "k1", "priority": 3, "payload": "x".repeat(250)}),
         )),
+        request_id,
         ..Default::default()
     })
     .await
@@ -433,7 +504,9 @@ async fn run_scenario(
     let mut clients = Vec::new();
     for w in 0..args.concurrency {
         let c = match name {
-            "create" | "lifecycle" | "get" | "stats" => client(addr, "service_role", None).await,
+            "create" | "create-idempotent" | "update" | "lifecycle" | "get" | "stats" | "mixed" => {
+                client(addr, "service_role", None).await
+            }
             _ => client(addr, "authenticated", Some(user(1 + (w as u64 % 1000)))).await,
         };
         clients.push(c);
@@ -443,15 +516,94 @@ async fn run_scenario(
     match name {
         "create" | "create-rls" => {
             let c = clients.clone();
-            outcome = drive(args, move |w, _| create_call(c[w].clone(), "bench".into())).await;
-            let (tps, lat) = pgbench(
-                env,
-                args,
-                "INSERT INTO jobs (user_id, agent_identifier, job_data) VALUES \
-                 ('00000000-0000-0000-0000-000000000001', 'bench', \
-                 '{\"kind\": \"k1\", \"priority\": 3, \"payload\": \"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}') RETURNING *;\n",
-            )
-            .unzip();
+            outcome = drive(args, move |w, _| {
+                create_call(c[w].clone(), "bench".into(), String::new())
+            })
+            .await;
+            let (tps, lat) = pgbench(env, args, PGBENCH_INSERT).unzip();
+            outcome.pgbench_tps = tps;
+            outcome.pgbench_p50_ms = lat;
+        }
+        "create-idempotent" => {
+            let c = clients.clone();
+            outcome = drive(args, move |w, i| {
+                create_call(c[w].clone(), "bench".into(), format!("w{w}-{i}"))
+            })
+            .await;
+            // The same insert with a unique request_id, through the same conflict arbiter.
+            let script = PGBENCH_INSERT
+                .replace("(user_id, agent_identifier, job_data)", "(user_id, agent_identifier, job_data, request_id)")
+                .replace(
+                    "\"}') RETURNING *;",
+                    "\"}', 'p' || :client_id || '-' || :r) ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *;",
+                );
+            let script = format!("\\set r random(1, 1000000000000)\n{script}");
+            let (tps, lat) = pgbench(env, args, &script).unzip();
+            outcome.pgbench_tps = tps;
+            outcome.pgbench_p50_ms = lat;
+        }
+        "update" => {
+            // Enough pending jobs for every caller's two moves per job, then as many again for
+            // pgbench's random picks.
+            let per_run = 200_000;
+            let first = env.next_pending;
+            load_pending(env, first, 2 * per_run).await?;
+            env.next_pending += 2 * per_run;
+            let c = clients.clone();
+            let concurrency = args.concurrency;
+            outcome = drive(args, move |w, i| {
+                update_call(c[w].clone(), first, concurrency, w, i)
+            })
+            .await;
+            let script = pgbench_update(first + per_run, first + 2 * per_run - 1);
+            let (tps, lat) = pgbench(env, args, &script).unzip();
+            outcome.pgbench_tps = tps;
+            outcome.pgbench_p50_ms = lat;
+        }
+        "mixed" => {
+            load(env, args.jobs).await?;
+            let per_run = 100_000;
+            let first = env.next_pending;
+            load_pending(env, first, 2 * per_run).await?;
+            env.next_pending += 2 * per_run;
+            let c = clients.clone();
+            let concurrency = args.concurrency;
+            outcome = drive(args, move |w, i| {
+                let c = c[w].clone();
+                async move {
+                    match i % 20 {
+                        // 60%: the first page of one user's jobs.
+                        0..12 => {
+                            let mut c = c;
+                            c.list_jobs(pb::ListJobsRequest {
+                                page_size: 50,
+                                user_id: user(1 + (w as u64 * 7 + i) % 1000).to_string(),
+                                ..Default::default()
+                            })
+                            .await
+                            .is_ok()
+                        }
+                        // 25%: a move of one of the caller's own pending jobs.
+                        12..17 => {
+                            update_call(c, first, concurrency, w, i / 20 * 5 + i % 20 - 12).await
+                        }
+                        // 15%: a create.
+                        _ => create_call(c, "bench".into(), String::new()).await,
+                    }
+                }
+            })
+            .await;
+            let update = pgbench_update(first + per_run, first + 2 * per_run - 1);
+            let update = update.lines().nth(1).unwrap_or_default();
+            let script = format!(
+                "\\set r random(1, 100)\n\\set u random(1, 1000)\n\\set n random({}, {})\n\
+                 \\if :r <= 60\n\
+                 SELECT * FROM jobs WHERE user_id = {USER_SQL} ORDER BY created_at DESC, id DESC LIMIT 51;\n\
+                 \\elif :r <= 85\n{update}\n\\else\n{PGBENCH_INSERT}\\endif\n",
+                first + per_run,
+                first + 2 * per_run - 1
+            );
+            let (tps, lat) = pgbench(env, args, &script).unzip();
             outcome.pgbench_tps = tps;
             outcome.pgbench_p50_ms = lat;
         }

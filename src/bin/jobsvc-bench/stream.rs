@@ -165,7 +165,7 @@ pub async fn run(args: &Args, env: &Env) -> Result<(), BoxError> {
 async fn create_rps(args: &Args, env: &Env) -> f64 {
     let clients = clients(env, args.concurrency).await;
     drive(args, move |w, _| {
-        create_call(clients[w].clone(), "bench".into())
+        create_call(clients[w].clone(), "bench".into(), String::new())
     })
     .await
     .rps
@@ -376,7 +376,7 @@ async fn paced(
             let mut n = w as u64;
             while started.elapsed() < duration {
                 tick.tick().await;
-                if create_call(c.clone(), agent(n)).await {
+                if create_call(c.clone(), agent(n), String::new()).await {
                     created.fetch_add(1, Ordering::Relaxed);
                 }
                 n += WORKERS as u64;
