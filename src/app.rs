@@ -243,6 +243,8 @@ pub async fn run_server(
         shutdown_rx.clone(),
     )
     .await?;
+    let db_health =
+        db::health::DbHealth::start(database_url.to_owned(), pool.clone(), shutdown_rx.clone());
     let state = Arc::new(AppState {
         pool: pool.clone(),
         database_url: database_url.into(),
@@ -264,9 +266,10 @@ pub async fn run_server(
                 0 => (args.pool_size / 4).max(1),
                 n => n,
             },
+            db_health.clone(),
             metrics.clone(),
         ),
-        db_health: db::health::DbHealth::start(database_url.to_owned(), shutdown_rx.clone()),
+        db_health,
         admission: crate::admission::Admission::new(
             args.max_concurrent_calls as usize,
             args.max_queued_calls as usize,

@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::auth::Caller;
+use crate::db::health::DbHealth;
 use crate::db::jobs::NewJob;
 use crate::db::models::WrittenRow;
 use crate::db::{self, PgPool};
@@ -39,13 +40,19 @@ pub struct Creates {
 }
 
 impl Creates {
-    /// `workers` statements in flight at most (each holds one pooled connection meanwhile).
-    pub fn start(pool: PgPool, workers: usize, metrics: Arc<Metrics>) -> Self {
+    /// `workers` batches in flight at most. A batch in flight when the database stops
+    /// answering is abandoned (its callers get UNAVAILABLE), as a call's own work would be.
+    pub fn start(pool: PgPool, workers: usize, health: DbHealth, metrics: Arc<Metrics>) -> Self {
         // Bounded by the admission limit in practice; the capacity only avoids a second bound.
         let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..workers.max(1) {
-            tokio::spawn(worker(pool.clone(), rx.clone(), metrics.clone()));
+            tokio::spawn(worker(
+                pool.clone(),
+                rx.clone(),
+                health.clone(),
+                metrics.clone(),
+            ));
         }
         Creates { queue }
     }
@@ -58,20 +65,28 @@ impl Creates {
             .send(Item { caller, job, reply })
             .await
             .map_err(|_| Error::ShuttingDown)?;
-        let (result, job) = answer.await.map_err(|_| Error::ShuttingDown)?;
+        // No answer: the batch was abandoned because the database stopped answering.
+        let (result, job) = answer.await.map_err(|_| {
+            Error::Unavailable("the database stopped answering during the call".into())
+        })?;
         Ok((result?, job))
     }
 }
 
-async fn worker(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Item>>>, metrics: Arc<Metrics>) {
+async fn worker(
+    pool: PgPool,
+    queue: Arc<Mutex<mpsc::Receiver<Item>>>,
+    health: DbHealth,
+    metrics: Arc<Metrics>,
+) {
     loop {
         let mut batch = Vec::new();
         {
             let mut queue = queue.lock().await;
-            match queue.recv().await {
-                Some(item) => batch.push(item),
-                None => return,
-            }
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            batch.push(first);
             while batch.len() < MAX_BATCH {
                 match queue.try_recv() {
                     Ok(item) => batch.push(item),
@@ -79,14 +94,33 @@ async fn worker(pool: PgPool, queue: Arc<Mutex<mpsc::Receiver<Item>>>, metrics: 
                 }
             }
         }
-        // One statement per caller: each in that caller's row-level-security scope.
-        while !batch.is_empty() {
-            let role = batch[0].caller.role();
-            let (group, rest) = batch.into_iter().partition(|i| i.caller.role() == role);
-            batch = rest;
-            metrics.create_batch_rows.observe(group.len() as f64);
-            write(&pool, group).await;
+        // A caller that gave up (cancelled, deadline, database lost) is not written: it got
+        // an answer already, and may retry.
+        batch.retain(|item| !item.reply.is_closed());
+        // One statement per caller, each in that caller's row-level-security scope; the
+        // callers' statements run side by side.
+        let mut groups: Vec<Vec<Item>> = Vec::new();
+        for item in batch {
+            match groups
+                .iter_mut()
+                .find(|g| g[0].caller.role() == item.caller.role())
+            {
+                Some(group) => group.push(item),
+                None => groups.push(vec![item]),
+            }
         }
+        let writes = groups.into_iter().map(|group| {
+            metrics.create_batch_rows.observe(group.len() as f64);
+            write(&pool, group)
+        });
+        // Abandoned when the database stops answering: the replies are dropped, so every
+        // caller hears UNAVAILABLE.
+        let _ = health
+            .guard(async {
+                futures_util::future::join_all(writes).await;
+                Ok(())
+            })
+            .await;
     }
 }
 
@@ -115,13 +149,16 @@ async fn write(pool: &PgPool, mut items: Vec<Item>) {
         duplicate_of.push(first);
     }
     let ids: Vec<Uuid> = items.iter().map(|_| Uuid::new_v4()).collect();
-    let unique: Vec<(Uuid, &NewJob)> = items
+    let mut unique: Vec<(Uuid, &NewJob)> = items
         .iter()
         .zip(&ids)
         .zip(&duplicate_of)
         .filter(|(_, dup)| dup.is_none())
         .map(|((item, id), _)| (*id, &item.job))
         .collect();
+    // Concurrent batches take their request_ids in one order, so they cannot deadlock on
+    // each other's uncommitted rows.
+    unique.sort_by(|(_, a), (_, b)| (a.owner, &a.request_id).cmp(&(b.owner, &b.request_id)));
     let caller = items[0].caller;
     let written = async {
         let mut db = db::scoped(pool, &caller).await?;

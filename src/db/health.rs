@@ -16,6 +16,7 @@ use std::time::Duration;
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use tokio::sync::watch;
 
+use super::PgPool;
 use crate::error::{Error, Result};
 
 /// How often the monitor pings.
@@ -32,10 +33,12 @@ pub struct DbHealth {
 
 impl DbHealth {
     /// Starts the monitor for `database_url`; it stops on shutdown. The database counts as up
-    /// until a ping says otherwise (the server has just migrated it).
-    pub fn start(database_url: String, shutdown: watch::Receiver<bool>) -> Self {
+    /// until a ping says otherwise (the server has just migrated it). When it changes either
+    /// way, `pool`'s idle connections are closed: a connection abandoned mid-statement during
+    /// an outage may still wait on a dead socket, and must not serve the next call.
+    pub fn start(database_url: String, pool: PgPool, shutdown: watch::Receiver<bool>) -> Self {
         let (tx, rx) = watch::channel(true);
-        tokio::spawn(monitor(database_url, tx, shutdown));
+        tokio::spawn(monitor(database_url, pool, tx, shutdown));
         DbHealth { up: rx }
     }
 
@@ -71,6 +74,7 @@ impl DbHealth {
     pub async fn guard<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
         self.check()?;
         tokio::select! {
+            biased;
             result = work => result,
             _ = self.lost() => Err(Error::Unavailable(
                 "the database stopped answering during the call".into(),
@@ -81,6 +85,7 @@ impl DbHealth {
 
 async fn monitor(
     database_url: String,
+    pool: PgPool,
     up: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -95,6 +100,7 @@ async fn monitor(
         }
         let now_up = answered.is_ok();
         if up.send_if_modified(|was| std::mem::replace(was, now_up) != now_up) {
+            pool.retain(|_, _| false);
             match &answered {
                 Ok(()) => tracing::info!("database answering again"),
                 Err(e) => tracing::warn!(error = %e, "database not answering: calls fail fast"),
