@@ -590,25 +590,11 @@ async fn blackholes_fail_fast_and_lose_nothing() {
 async fn kill_9_of_jobsvc_loses_nothing_committed() {
     let pg = shared_pg().await;
     let url = fresh_database(&pg).await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = harness::free_addr();
     let dir = tempfile::tempdir().unwrap();
     let start = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_jobsvc"))
-            .args([
-                "serve",
-                "--database-url",
-                &url,
-                "--jwt-secret",
-                harness::SECRET,
-            ])
-            .args(["--listen", &addr.to_string()])
-            .stdout(std::process::Stdio::null())
+        harness::jobsvc_binary(&url, addr, &[])
             .stderr(std::fs::File::create(dir.path().join("jobsvc.log")).unwrap())
-            .kill_on_drop(true)
             .spawn()
             .expect("running the jobsvc binary")
     };

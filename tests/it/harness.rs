@@ -310,3 +310,34 @@ pub fn assert_err<T: std::fmt::Debug>(
     assert!(!status.message().is_empty());
     status
 }
+
+/// A free loopback address (for a server started later on it).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `jobsvc serve` (the real binary) on `db_url` and `addr`, with `extra` flags; killed when
+/// dropped. Warnings go to stderr unless the caller redirects it.
+pub fn jobsvc_binary(db_url: &str, addr: SocketAddr, extra: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobsvc"));
+    cmd.args(["serve", "--database-url", db_url, "--jwt-secret", SECRET])
+        .args(["--listen", &addr.to_string()])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// The resident memory of process `pid`, in kB.
+pub fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}

@@ -2,7 +2,6 @@
 //! RESOURCE_EXHAUSTED, its memory stays bounded, and its latency recovers as soon as the load
 //! stops; clients that break the HTTP/2 rules (too many streams, rapid resets, never reading)
 //! are refused or disconnected while a well-behaved probe keeps its latency.
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
@@ -55,6 +54,23 @@ fn probe_until(mut c: Client, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
     })
 }
 
+/// A server, a probe client's quiet median latency, and a probe running until the flag is set.
+async fn server_with_probe(
+    server: TestServer,
+) -> (
+    TestServer,
+    Client,
+    Duration,
+    Arc<AtomicBool>,
+    tokio::task::JoinHandle<Vec<Duration>>,
+) {
+    let mut c = server.service().await;
+    let quiet = probe(&mut c, 30).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = probe_until(c.clone(), stop.clone());
+    (server, c, quiet, stop, prober)
+}
+
 /// The probe kept its latency: median within 5x of its quiet median (plus 25 ms of slack for
 /// a machine whose two cores the abuser shares), and no call slower than 2 s.
 fn assert_kept_latency(quiet: Duration, during: Vec<Duration>) {
@@ -72,15 +88,6 @@ fn assert_kept_latency(quiet: Duration, during: Vec<Duration>) {
     );
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Three times the load the server can take (open loop: calls keep arriving whatever the
 /// answers): the excess is refused with RESOURCE_EXHAUSTED OVERLOADED within the queue
 /// timeout, nothing else fails, the server's memory stays bounded, and once the load stops
@@ -89,29 +96,17 @@ fn rss_kb(pid: u32) -> u64 {
 async fn load_past_the_limit_is_shed_quickly_and_latency_recovers() {
     let pg = shared_pg().await;
     let url = fresh_database(&pg).await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let addr = harness::free_addr();
     // Small limits, so that three times the capacity is load this test can generate.
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobsvc"))
-        .args([
-            "serve",
-            "--database-url",
-            &url,
-            "--jwt-secret",
-            harness::SECRET,
-        ])
-        .args(["--listen", &addr.to_string(), "--pool-size", "4"])
-        .args(["--max-concurrent-calls", "8", "--max-queued-calls", "16"])
-        .args(["--queue-timeout", "100ms"])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = harness::jobsvc_binary(
+        &url,
+        addr,
+        &["--pool-size", "4", "--max-concurrent-calls", "8"],
+    )
+    .args(["--max-queued-calls", "16", "--queue-timeout", "100ms"])
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     let pid = child.id().unwrap();
     let channel = |_| {
         tonic::transport::Channel::from_shared(format!("http://{addr}"))
@@ -144,7 +139,7 @@ async fn load_past_the_limit_is_shed_quickly_and_latency_recovers() {
         }
         median(took)
     };
-    let rss_before = rss_kb(pid);
+    let rss_before = harness::rss_kb(pid);
     let window = Duration::from_secs(2);
     let mut callers = Vec::new();
     for i in 0..8 {
@@ -186,7 +181,7 @@ async fn load_past_the_limit_is_shed_quickly_and_latency_recovers() {
             });
         }
         if sent % (per_tick * 10) < per_tick {
-            peak_rss = peak_rss.max(rss_kb(pid));
+            peak_rss = peak_rss.max(harness::rss_kb(pid));
         }
     }
     drop(tx);
@@ -202,7 +197,7 @@ async fn load_past_the_limit_is_shed_quickly_and_latency_recovers() {
         }
     }
     let stopped = Instant::now();
-    peak_rss = peak_rss.max(rss_kb(pid));
+    peak_rss = peak_rss.max(harness::rss_kb(pid));
     let shed = shed_times.len();
     eprintln!(
         "overload: capacity {capacity:.0}/s, offered {rate:.0}/s; {sent} calls: {ok} OK, {shed} shed \
@@ -255,11 +250,7 @@ async fn load_past_the_limit_is_shed_quickly_and_latency_recovers() {
 /// another connection keeps its latency.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_streams_on_one_connection_are_refused() {
-    let server = TestServer::start().await;
-    let mut c = server.service().await;
-    let quiet = probe(&mut c, 30).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = probe_until(c.clone(), stop.clone());
+    let (server, _, quiet, stop, prober) = server_with_probe(TestServer::start().await).await;
 
     let (mut r, mut w) = h2raw::connect(server.addr, &[]).await;
     let token = harness::service_token();
@@ -305,11 +296,7 @@ async fn too_many_streams_on_one_connection_are_refused() {
 /// the server closes the connection, and a probe on another connection keeps its latency.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_resets_close_the_connection() {
-    let server = TestServer::start().await;
-    let mut c = server.service().await;
-    let quiet = probe(&mut c, 30).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = probe_until(c.clone(), stop.clone());
+    let (server, _, quiet, stop, prober) = server_with_probe(TestServer::start().await).await;
 
     let (mut r, mut w) = h2raw::connect(server.addr, &[]).await;
     let token = harness::service_token();
@@ -369,13 +356,10 @@ async fn a_client_that_never_reads_is_disconnected() {
         &["--keepalive-interval", "1s", "--keepalive-timeout", "1s"],
     )
     .await;
-    let mut c = server.service().await;
+    let (server, mut c, quiet, stop, prober) = server_with_probe(server).await;
     for _ in 0..50 {
         c.create_job(create("unread")).await.unwrap();
     }
-    let quiet = probe(&mut c, 30).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = probe_until(c.clone(), stop.clone());
 
     // A zero window: the server may not send it a byte of response data.
     let (mut r, mut w) = h2raw::connect(server.addr, &[(h2raw::INITIAL_WINDOW_SIZE, 0)]).await;

@@ -4,7 +4,6 @@
 //!
 //! Run it with `scripts/soak` (SOAK_MINUTES=N for a shorter or longer run).
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,15 +20,6 @@ const USERS: usize = 100;
 const STREAMS_PER_USER: usize = 10;
 const TRANSITIONS_PER_SECOND: u64 = 100;
 const CONNECTIONS: usize = 10;
-
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
-}
 
 #[derive(Default)]
 struct Received {
@@ -95,25 +85,8 @@ async fn soak_1000_streams_100_users() {
     let duration = Duration::from_secs_f64(minutes * 60.0);
     let pg = shared_pg().await;
     let url = fresh_database(&pg).await;
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobsvc"))
-        .args([
-            "serve",
-            "--database-url",
-            &url,
-            "--jwt-secret",
-            harness::SECRET,
-        ])
-        .args(["--listen", &addr.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let addr = harness::free_addr();
+    let mut child = harness::jobsvc_binary(&url, addr, &[]).spawn().unwrap();
     let pid = child.id().unwrap();
     let channels: Vec<Channel> = (0..CONNECTIONS)
         .map(|_| {
@@ -134,7 +107,7 @@ async fn soak_1000_streams_100_users() {
         async move { c.get_stats(pb::GetStatsRequest::default()).await.is_ok() }
     })
     .await;
-    let rss_idle = rss_kb(pid);
+    let rss_idle = harness::rss_kb(pid);
 
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let mut streams = Vec::new();
@@ -154,7 +127,7 @@ async fn soak_1000_streams_100_users() {
         streams.iter().all(|(_, g)| g.synced.load(Relaxed) == 1)
     })
     .await;
-    let rss_streams = rss_kb(pid);
+    let rss_streams = harness::rss_kb(pid);
 
     // 100 transitions a second: each user moves one job a step (create, running, completed)
     // every second, the users a hundredth of a second apart.
@@ -195,14 +168,14 @@ async fn soak_1000_streams_100_users() {
         .collect();
     let mut rss_samples = Vec::new();
     while started.elapsed() < duration {
-        rss_samples.push((started.elapsed().as_secs(), rss_kb(pid)));
+        rss_samples.push((started.elapsed().as_secs(), harness::rss_kb(pid)));
         tokio::time::sleep(Duration::from_secs(10)).await;
     }
     let mut transitions = 0u64;
     for w in writers {
         transitions += w.await.unwrap();
     }
-    rss_samples.push((started.elapsed().as_secs(), rss_kb(pid)));
+    rss_samples.push((started.elapsed().as_secs(), harness::rss_kb(pid)));
     let rate = transitions as f64 / started.elapsed().as_secs_f64();
 
     // Everything each stream should have: its user's events, from the database.

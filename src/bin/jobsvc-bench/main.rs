@@ -280,13 +280,14 @@ fn pending_id(n: u64) -> String {
 }
 const PENDING_ID_SQL: &str = "('00000000-0000-0000-0001-' || lpad(:n::text, 12, '0'))::uuid";
 
-/// Pending jobs `from..from+n` with ids from [`pending_id`], over users 1..=1000, for the update
-/// scenarios (each can move once to running and once to completed).
+/// `n` more pending jobs with ids from [`pending_id`], over users 1..=1000, for the update
+/// scenarios (each can move once to running and once to completed); returns the first number.
 async fn load_pending(
-    env: &Env,
-    from: u64,
+    env: &mut Env,
     n: u64,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+    let from = env.next_pending;
+    env.next_pending += n;
     let mut conn = jobsvc::db::connect(&env.url).await?;
     diesel::sql_query(format!(
         "INSERT INTO jobs (id, user_id, agent_identifier, job_data)
@@ -301,7 +302,7 @@ async fn load_pending(
     diesel::sql_query("VACUUM ANALYZE jobs")
         .execute(&mut conn)
         .await?;
-    Ok(())
+    Ok(from)
 }
 
 /// Caller `w`'s `i`th UpdateStatus on the jobs from `first`: each job of the caller's own
@@ -546,9 +547,7 @@ async fn run_scenario(
             // Enough pending jobs for every caller's two moves per job, then as many again for
             // pgbench's random picks.
             let per_run = 200_000;
-            let first = env.next_pending;
-            load_pending(env, first, 2 * per_run).await?;
-            env.next_pending += 2 * per_run;
+            let first = load_pending(env, 2 * per_run).await?;
             let c = clients.clone();
             let concurrency = args.concurrency;
             outcome = drive(args, move |w, i| {
@@ -563,9 +562,7 @@ async fn run_scenario(
         "mixed" => {
             load(env, args.jobs).await?;
             let per_run = 100_000;
-            let first = env.next_pending;
-            load_pending(env, first, 2 * per_run).await?;
-            env.next_pending += 2 * per_run;
+            let first = load_pending(env, 2 * per_run).await?;
             let c = clients.clone();
             let concurrency = args.concurrency;
             outcome = drive(args, move |w, i| {
