@@ -7,13 +7,13 @@ use tonic::Code;
 use uuid::Uuid;
 
 use crate::harness::{TestServer, all_jobs, fresh_database, reason, shared_pg};
-use crate::ops::{free_port, sample, scrape};
+use crate::ops::{sample, scrape};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_creates_share_statements_and_each_gets_its_own_answer() {
     let pg = shared_pg().await;
     let url = fresh_database(&pg).await;
-    let port = free_port();
+    let port = crate::harness::free_addr().port();
     // One writer: every create that arrives while a statement is in flight joins the next.
     let server = TestServer::start_on(
         &url,

@@ -13,18 +13,16 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jobsvc::pb::job_service_client::JobServiceClient;
 use jobsvc::pb::{self, JobStatus as S, job_update::Event as U};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use uuid::Uuid;
 
 use crate::harness::{
-    self, Bearer, Client, TestServer, eventually, fresh_database, new_cluster, new_durable_cluster,
+    self, Client, TestServer, eventually, fresh_database, new_cluster, new_durable_cluster,
     shared_pg, update,
 };
 use crate::proxy::{FaultProxy, Mode};
@@ -38,20 +36,12 @@ const HANG: Duration = Duration::from_secs(10);
 /// the service role over every user's jobs.
 const USERS: usize = 3;
 
-fn channel(addr: SocketAddr) -> Channel {
-    // Lazy: it connects (and reconnects after a server restart) when called.
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(1))
-        .connect_lazy()
-}
-
 fn client(addr: SocketAddr, token: &str) -> Client {
-    JobServiceClient::with_interceptor(channel(addr), Bearer::new(Some(token)))
+    harness::client_on(harness::lazy_channel(addr), token)
 }
 
 async fn health(addr: SocketAddr) -> Option<ServingStatus> {
-    let mut h = tonic_health::pb::health_client::HealthClient::new(channel(addr));
+    let mut h = tonic_health::pb::health_client::HealthClient::new(harness::lazy_channel(addr));
     let r = timeout(
         Duration::from_secs(2),
         h.check(tonic_health::pb::HealthCheckRequest {

@@ -311,6 +311,20 @@ pub fn assert_err<T: std::fmt::Debug>(
     status
 }
 
+/// A channel to `addr` that connects when first used, and reconnects after the server
+/// restarts (for servers that are not a [`TestServer`], or that go away).
+pub fn lazy_channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy()
+}
+
+/// A JobService client on `channel` sending `token`.
+pub fn client_on(channel: Channel, token: &str) -> Client {
+    JobServiceClient::with_interceptor(channel, Bearer::new(Some(token)))
+}
+
 /// A free loopback address (for a server started later on it).
 pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -7,14 +7,6 @@ use tonic::Code;
 
 use crate::harness::{Bearer, TestServer, eventually, fresh_database, service_token, shared_pg};
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One GET of the metrics endpoint; the body.
 pub async fn scrape(port: u16) -> String {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -39,7 +31,7 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
 async fn metrics_report_known_traffic() {
     let pg = shared_pg().await;
     let url = fresh_database(&pg).await;
-    let port = free_port();
+    let port = crate::harness::free_addr().port();
     let listen = format!("127.0.0.1:{port}");
     let server = TestServer::start_on(&url, &["--metrics-listen", &listen]).await;
     let mut c = server.service().await;

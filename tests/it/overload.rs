@@ -108,19 +108,9 @@ async fn load_past_the_limit_is_shed_quickly_and_latency_recovers() {
     .spawn()
     .unwrap();
     let pid = child.id().unwrap();
-    let channel = |_| {
-        tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy()
-    };
     let token = harness::service_token();
     let clients: Vec<Client> = (0..4)
-        .map(|i| {
-            pb::job_service_client::JobServiceClient::with_interceptor(
-                channel(i),
-                harness::Bearer::new(Some(&token)),
-            )
-        })
+        .map(|_| harness::client_on(harness::lazy_channel(addr), &token))
         .collect();
     let mut c = clients[0].clone();
     eventually(Duration::from_secs(30), "jobsvc answering", || {

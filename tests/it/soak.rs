@@ -8,13 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jobsvc::pb::job_service_client::JobServiceClient;
 use jobsvc::pb::{self, JobStatus as S, job_update::Event as U};
 use tokio::time::{Instant, timeout};
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-use crate::harness::{self, Bearer, Client, eventually, fresh_database, shared_pg, update};
+use crate::harness::{self, Client, eventually, fresh_database, shared_pg, update};
 
 const USERS: usize = 100;
 const STREAMS_PER_USER: usize = 10;
@@ -89,17 +88,13 @@ async fn soak_1000_streams_100_users() {
     let mut child = harness::jobsvc_binary(&url, addr, &[]).spawn().unwrap();
     let pid = child.id().unwrap();
     let channels: Vec<Channel> = (0..CONNECTIONS)
-        .map(|_| {
-            Channel::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect_lazy()
-        })
+        .map(|_| harness::lazy_channel(addr))
         .collect();
     let users: Vec<Uuid> = (0..USERS).map(|_| Uuid::new_v4()).collect();
     let client = |i: usize, user: Uuid| -> Client {
-        JobServiceClient::with_interceptor(
+        harness::client_on(
             channels[i % CONNECTIONS].clone(),
-            Bearer::new(Some(&harness::user_token(user))),
+            &harness::user_token(user),
         )
     };
     eventually(Duration::from_secs(30), "jobsvc answering", || {
