@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -82,6 +82,10 @@ pub async fn run(
         let _ = shutdown_tx.send(true);
     };
 
+    // Small writes go out at once: with Nagle's algorithm on, a response written in two
+    // parts waited for the client's delayed ACK, about 40 ms per call under load. (The
+    // builder's own `tcp_nodelay` applies only to listeners it binds itself.)
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let mut builder = Server::builder();
     if let Some(identity) = limits.tls.clone() {
         builder = builder.tls_config(
@@ -97,7 +101,6 @@ pub async fn run(
         .http2_max_header_list_size(Limits::MAX_HEADER_LIST_BYTES)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .tcp_nodelay(true)
         .layer(tower::util::MapResponseLayer::new(move |r| {
             oversized_request_answer(r, limits.max_message_bytes)
         }))
@@ -105,7 +108,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(jobs)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     monitor.abort();
     folder.abort();

@@ -6,6 +6,7 @@ use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::PreparedExt;
 use super::models::JobRow;
 use crate::domain::JobStatus;
 use crate::error::{Error, Result};
@@ -197,7 +198,7 @@ pub async fn read(
     if let Some(user) = user {
         query = query.bind::<diesel::sql_types::Uuid, _>(user);
     }
-    let rows: Vec<ReadRow> = query.load(conn).await?;
+    let rows: Vec<ReadRow> = query.prepared().load(conn).await?;
     let (horizon, pending, tail) = rows
         .as_slice()
         .first()
@@ -273,7 +274,7 @@ pub async fn snapshot(conn: &mut AsyncPgConnection) -> Result<(Snapshot, Positio
         "SELECT pg_current_snapshot()::text AS snapshot, t.feed_xid AS tail_xid, t.seq AS tail_seq \
          FROM job_events_tail(pg_snapshot_xmin(pg_current_snapshot())) t",
     )
-    .get_result(conn)
+    .prepared().get_result(conn)
     .await?;
     let snapshot = Snapshot::parse(&row.snapshot)
         .ok_or_else(|| Error::Internal(format!("unparsable snapshot {:?}", row.snapshot).into()))?;
@@ -341,7 +342,7 @@ pub async fn existing_jobs(
     if let Some(id) = after {
         query = query.bind::<diesel::sql_types::Uuid, _>(id);
     }
-    Ok(query.bind::<BigInt, _>(limit).load(conn).await?)
+    Ok(query.bind::<BigInt, _>(limit).prepared().load(conn).await?)
 }
 
 #[derive(diesel::QueryableByName)]
@@ -363,7 +364,7 @@ pub async fn resumable_range(conn: &mut AsyncPgConnection) -> Result<(Position, 
                 pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS next_xid \
          FROM job_events_pruned",
     )
-    .get_result(conn)
+    .prepared().get_result(conn)
     .await?;
     let pruned = Position {
         xid: row.feed_xid,
@@ -405,7 +406,7 @@ pub async fn history(
     .bind::<BigInt, _>(after)
     .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
     .bind::<BigInt, _>(limit)
-    .load(conn)
+    .prepared().load(conn)
     .await?)
 }
 

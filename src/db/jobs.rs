@@ -5,6 +5,7 @@ use diesel::sql_types::{Array, BigInt, Jsonb, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::PreparedExt;
 use super::models::{JobRow, WrittenRow};
 use crate::domain::JobStatus;
 use crate::error::Result;
@@ -69,7 +70,7 @@ pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<Writte
         .bind::<Text, _>(&job.agent_identifier)
         .bind::<Jsonb, _>(&job.job_data)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())
-        .load(conn)
+        .prepared().load(conn)
         .await?;
     if let Some(row) = rows.into_iter().next() {
         return Ok(row);
@@ -124,7 +125,7 @@ pub async fn insert_many(
         .bind::<Array<Text>, _>(agents)
         .bind::<Array<Jsonb>, _>(data)
         .bind::<Array<Nullable<Text>>, _>(request_ids)
-        .load(conn)
+        .prepared().load(conn)
         .await?;
     Ok(rows)
 }
@@ -135,7 +136,7 @@ pub async fn by_request_id(conn: &mut AsyncPgConnection, job: &NewJob) -> Result
     let row: WrittenRow = diesel::sql_query(BY_REQUEST_ID_SQL.replace("{owner}", owner))
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())
-        .get_result(conn)
+        .prepared().get_result(conn)
         .await?;
     Ok(row)
 }
@@ -151,7 +152,7 @@ pub async fn get(
     )
     .bind::<diesel::sql_types::Uuid, _>(id)
     .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
-    .load(conn)
+    .prepared().load(conn)
     .await?;
     Ok(rows.into_iter().next())
 }
@@ -201,7 +202,7 @@ pub async fn compare_and_set_status(
         .bind::<Array<Text>, _>(allowed)
         .bind::<Nullable<BigInt>, _>(change.expected_version)
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
-        .load(conn)
+        .prepared().load(conn)
         .await?;
     Ok(rows.into_iter().next())
 }
@@ -307,5 +308,5 @@ pub async fn list(
             .bind::<diesel::sql_types::Uuid, _>(c.id);
     }
     query = query.bind::<BigInt, _>(limit);
-    Ok(query.load(conn).await?)
+    Ok(query.prepared().load(conn).await?)
 }

@@ -6,6 +6,7 @@ use diesel::sql_types::{BigInt, Double, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
+use super::PreparedExt;
 use crate::error::Result;
 
 #[derive(Debug, Clone, PartialEq, diesel::QueryableByName)]
@@ -71,7 +72,7 @@ pub async fn get(
     let oldest: Oldest = diesel::sql_query(OLDEST_SELECT)
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(user)
         .bind::<Nullable<Text>, _>(agent)
-        .get_result(conn)
+        .prepared().get_result(conn)
         .await?;
     let counts_sql = format!("{COUNTS_SELECT}{}", scope_clause(user, agent));
     let mut counts_q = diesel::sql_query(counts_sql).into_boxed::<diesel::pg::Pg>();
@@ -81,7 +82,7 @@ pub async fn get(
     if let Some(a) = agent {
         counts_q = counts_q.bind::<Text, _>(a.to_owned());
     }
-    let counts: Counts = counts_q.get_result(conn).await?;
+    let counts: Counts = counts_q.prepared().get_result(conn).await?;
     Ok((counts, oldest.oldest))
 }
 
