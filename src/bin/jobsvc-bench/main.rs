@@ -405,6 +405,12 @@ where
     Fut: std::future::Future<Output = bool> + Send,
 {
     let make = Arc::new(make);
+    // Progress on stderr (stdout stays the table or the JSON lines); also a marker for
+    // attaching a profiler to the measured part only.
+    eprintln!(
+        "jobsvc: warming up {:?}, then measuring {:?}",
+        args.warmup, args.duration
+    );
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
@@ -461,6 +467,7 @@ where
 /// Runs pgbench with `script` on the bench database: (tps, mean latency ms).
 fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
     let bin = EmbeddedPg::find_bin_dir().ok()?.join("pgbench");
+    eprintln!("pgbench: measuring {:?}", args.duration);
     let file = std::env::temp_dir().join(format!("jobsvc-bench-{}.sql", std::process::id()));
     std::fs::write(&file, script).ok()?;
     let out = Command::new(bin)
