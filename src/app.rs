@@ -262,10 +262,13 @@ pub async fn run_server(
         )),
         creates: crate::batch::Creates::start(
             pool.clone(),
-            match args.create_batch_workers {
-                0 => (args.pool_size / 4).max(1),
-                n => n,
-            },
+            batch_workers(args.create_batch_workers, args.pool_size),
+            db_health.clone(),
+            metrics.clone(),
+        ),
+        updates: crate::batch::Updates::start(
+            pool.clone(),
+            batch_workers(args.update_batch_workers, args.pool_size),
             db_health.clone(),
             metrics.clone(),
         ),
@@ -340,5 +343,13 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Batch workers of one kind: as configured, or by default a quarter of the pool.
+fn batch_workers(configured: usize, pool_size: usize) -> usize {
+    match configured {
+        0 => (pool_size / 4).max(1),
+        n => n,
     }
 }

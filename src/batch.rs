@@ -1,84 +1,114 @@
-//! Natural batching of CreateJob.
+//! Natural batching of CreateJob and UpdateStatus.
 //!
-//! One row per commit cannot go faster than the database's commits. So creates go through a
-//! queue served by a few workers: a worker takes the first waiting create and every other one
-//! waiting behind it (up to [`MAX_BATCH`]) and writes them with one statement and one commit.
-//! A lone create finds a worker idle and goes alone, at single-row latency; under load, the
-//! creates that arrive while statements are in flight share the next one. Each batch keeps
-//! row-level security: creates of different callers are written in separate statements, each
-//! in its caller's scope.
+//! One row per commit cannot go faster than the database's commits, and every statement on
+//! `jobs` also pays for its statement-level triggers (the change history and the stats
+//! rollups). So these writes go through queues, each served by a few workers: a worker takes
+//! the first waiting call and every other one waiting behind it (up to [`MAX_BATCH`]) and
+//! writes them with one statement and one commit. A lone call finds a worker idle and goes
+//! alone, at single-row latency; under load, the calls that arrive while statements are in
+//! flight share the next one. Each batch keeps row-level security: calls of different
+//! callers are written in separate statements, each in its caller's scope.
 //!
-//! Hand-written because the batching needs our statement (the insert that returns existing
-//! rows for reused request_ids) and our scoping; the generic batching crates only collect
-//! items.
-use std::collections::HashMap;
+//! Hand-written because the batching needs our statements (the insert that returns existing
+//! rows for reused request_ids, the compare-and-set that returns the rows it did not move)
+//! and our scoping; the generic batching crates only collect items.
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::db::health::DbHealth;
-use crate::db::jobs::NewJob;
+use crate::db::jobs::{NewJob, StatusChange};
 use crate::db::models::WrittenRow;
 use crate::db::{self, PgPool};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
-/// Most creates written by one statement.
+/// Most calls written by one statement.
 pub const MAX_BATCH: usize = 100;
 
-struct Item {
+/// A call waiting for its write: the work comes back with the answer.
+struct Item<T, R> {
     caller: Caller,
-    job: NewJob,
-    reply: oneshot::Sender<(Result<WrittenRow>, NewJob)>,
+    work: T,
+    reply: oneshot::Sender<(Result<R>, T)>,
 }
 
-#[derive(Clone)]
-pub struct Creates {
-    queue: mpsc::Sender<Item>,
+impl<T, R> Item<T, R> {
+    fn answer(self, result: Result<R>) {
+        let _ = self.reply.send((result, self.work));
+    }
 }
 
-impl Creates {
-    /// `workers` batches in flight at most. A batch in flight when the database stops
-    /// answering is abandoned (its callers get UNAVAILABLE), as a call's own work would be.
-    pub fn start(pool: PgPool, workers: usize, health: DbHealth, metrics: Arc<Metrics>) -> Self {
+/// A queue of one kind of write and its workers.
+struct Queue<T, R> {
+    tx: mpsc::Sender<Item<T, R>>,
+}
+
+impl<T, R> Clone for Queue<T, R> {
+    fn clone(&self) -> Self {
+        Queue {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static, R: Send + 'static> Queue<T, R> {
+    /// `workers` batches in flight at most; `write` writes one caller's batch and answers
+    /// each item. A batch in flight when the database stops answering is abandoned (its
+    /// callers get UNAVAILABLE), as a call's own work would be.
+    fn start<W, F>(workers: usize, health: DbHealth, rows: Histogram, write: W) -> Self
+    where
+        W: Fn(Vec<Item<T, R>>) -> F + Send + Sync + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
         // Bounded by the admission limit in practice; the capacity only avoids a second bound.
-        let (queue, rx) = mpsc::channel(4 * MAX_BATCH);
+        let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         let rx = Arc::new(Mutex::new(rx));
+        let write = Arc::new(write);
         for _ in 0..workers.max(1) {
             tokio::spawn(worker(
-                pool.clone(),
                 rx.clone(),
                 health.clone(),
-                metrics.clone(),
+                rows.clone(),
+                write.clone(),
             ));
         }
-        Creates { queue }
+        Queue { tx }
     }
 
-    /// Inserts `job` for `caller`, or returns the job its request_id already created; gives
-    /// `job` back.
-    pub async fn create(&self, caller: Caller, job: NewJob) -> Result<(WrittenRow, NewJob)> {
+    /// Queues `work` for `caller` and waits for its answer; gives `work` back.
+    async fn submit(&self, caller: Caller, work: T) -> Result<(R, T)> {
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Item { caller, job, reply })
+        self.tx
+            .send(Item {
+                caller,
+                work,
+                reply,
+            })
             .await
             .map_err(|_| Error::ShuttingDown)?;
         // No answer: the batch was abandoned because the database stopped answering.
-        let (result, job) = answer.await.map_err(|_| {
+        let (result, work) = answer.await.map_err(|_| {
             Error::Unavailable("the database stopped answering during the call".into())
         })?;
-        Ok((result?, job))
+        Ok((result?, work))
     }
 }
 
-async fn worker(
-    pool: PgPool,
-    queue: Arc<Mutex<mpsc::Receiver<Item>>>,
+async fn worker<T, R, W, F>(
+    queue: Arc<Mutex<mpsc::Receiver<Item<T, R>>>>,
     health: DbHealth,
-    metrics: Arc<Metrics>,
-) {
+    rows: Histogram,
+    write: Arc<W>,
+) where
+    W: Fn(Vec<Item<T, R>>) -> F,
+    F: Future<Output = ()>,
+{
     loop {
         let mut batch = Vec::new();
         {
@@ -99,7 +129,7 @@ async fn worker(
         batch.retain(|item| !item.reply.is_closed());
         // One statement per caller, each in that caller's row-level-security scope; the
         // callers' statements run side by side.
-        let mut groups: Vec<Vec<Item>> = Vec::new();
+        let mut groups: Vec<Vec<Item<T, R>>> = Vec::new();
         for item in batch {
             match groups
                 .iter_mut()
@@ -110,8 +140,8 @@ async fn worker(
             }
         }
         let writes = groups.into_iter().map(|group| {
-            metrics.create_batch_rows.observe(group.len() as f64);
-            write(&pool, group)
+            rows.observe(group.len() as f64);
+            write(group)
         });
         // Abandoned when the database stops answering: the replies are dropped, so every
         // caller hears UNAVAILABLE.
@@ -124,12 +154,116 @@ async fn worker(
     }
 }
 
-/// Writes one caller's creates and answers each.
-async fn write(pool: &PgPool, mut items: Vec<Item>) {
+/// CreateJob's writer.
+#[derive(Clone)]
+pub struct Creates(Queue<NewJob, WrittenRow>);
+
+impl Creates {
+    pub fn start(pool: PgPool, workers: usize, health: DbHealth, metrics: Arc<Metrics>) -> Self {
+        let rows = metrics.create_batch_rows.clone();
+        Creates(Queue::start(workers, health, rows, move |items| {
+            write_creates(pool.clone(), items)
+        }))
+    }
+
+    /// Inserts `job` for `caller`, or returns the job its request_id already created; gives
+    /// `job` back.
+    pub async fn create(&self, caller: Caller, job: NewJob) -> Result<(WrittenRow, NewJob)> {
+        self.0.submit(caller, job).await
+    }
+}
+
+/// UpdateStatus's (and CancelJob's) writer.
+#[derive(Clone)]
+pub struct Updates(Queue<StatusChange, Option<WrittenRow>>);
+
+impl Updates {
+    pub fn start(pool: PgPool, workers: usize, health: DbHealth, metrics: Arc<Metrics>) -> Self {
+        let rows = metrics.update_batch_rows.clone();
+        Updates(Queue::start(workers, health, rows, move |items| {
+            write_updates(pool.clone(), items)
+        }))
+    }
+
+    /// One compare-and-set attempt (see [`db::jobs::compare_and_set_status`]) for `caller`.
+    pub async fn apply(&self, caller: Caller, change: StatusChange) -> Result<Option<WrittenRow>> {
+        Ok(self.0.submit(caller, change).await?.0)
+    }
+}
+
+/// Writes one caller's compare-and-sets and answers each.
+async fn write_updates(pool: PgPool, mut items: Vec<Item<StatusChange, Option<WrittenRow>>>) {
+    let scope = items[0].caller.user();
     if items.len() == 1 {
         let item = items.pop().expect("one item");
-        let result = insert_one(pool, &item.caller, &item.job).await;
-        let _ = item.reply.send((result, item.job));
+        let result = update_one(&pool, &item.caller, &item.work).await;
+        item.answer(result);
+        return;
+    }
+    // A job twice in the batch: its first move goes in the statement, the others after it,
+    // one by one, as if they had arrived later.
+    let mut seen = HashSet::new();
+    let (mut batch, later): (Vec<_>, Vec<_>) =
+        items.into_iter().partition(|item| seen.insert(item.work.id));
+    // Concurrent batches lock their jobs in one order, so they cannot deadlock on each other.
+    batch.sort_by_key(|item| item.work.id);
+    let caller = batch[0].caller;
+    let written = async {
+        let changes: Vec<&StatusChange> = batch.iter().map(|item| &item.work).collect();
+        let mut db = db::scoped(&pool, &caller).await?;
+        let rows = db::jobs::compare_and_set_many(db.conn(), scope, &changes).await;
+        db.finish(rows).await
+    }
+    .await;
+    match written {
+        Ok(rows) => {
+            let mut by_id: HashMap<Uuid, WrittenRow> =
+                rows.into_iter().map(|row| (row.job.id, row)).collect();
+            for item in batch {
+                let row = by_id.remove(&item.work.id);
+                item.answer(Ok(row));
+            }
+        }
+        Err(Error::Unavailable(e)) => {
+            let message = e.to_string();
+            for item in batch.into_iter().chain(later) {
+                item.answer(Err(Error::Unavailable(message.clone().into())));
+            }
+            return;
+        }
+        Err(e) => {
+            // Not the database going away: one move may be at fault, so each goes alone and
+            // gets its own answer.
+            tracing::debug!(error = %e, "batched update failed; writing one by one");
+            for item in batch {
+                let result = update_one(&pool, &item.caller, &item.work).await;
+                item.answer(result);
+            }
+        }
+    }
+    for item in later {
+        let result = update_one(&pool, &item.caller, &item.work).await;
+        item.answer(result);
+    }
+}
+
+async fn update_one(
+    pool: &PgPool,
+    caller: &Caller,
+    change: &StatusChange,
+) -> Result<Option<WrittenRow>> {
+    let mut db = db::scoped(pool, caller).await?;
+    let row = db::jobs::compare_and_set_status(db.conn(), caller.user(), change).await;
+    db.finish(row).await
+}
+
+/// Writes one caller's creates and answers each.
+async fn write_creates(pool: PgPool, mut items: Vec<Item<NewJob, WrittenRow>>) {
+    let pool = &pool;
+    if items.len() == 1 {
+        let item = items.pop().expect("one item");
+        let result = insert_one(pool, &item.caller, &item.work).await;
+        item.answer(result);
         return;
     }
     // A request_id twice in the batch: the first is written, the others get its row.
@@ -137,14 +271,14 @@ async fn write(pool: &PgPool, mut items: Vec<Item>) {
     let mut duplicate_of: Vec<Option<usize>> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let first = item
-            .job
+            .work
             .request_id
             .as_ref()
-            .and_then(|r| first_of.get(&(item.job.owner, r.clone())).copied());
+            .and_then(|r| first_of.get(&(item.work.owner, r.clone())).copied());
         if first.is_none()
-            && let Some(r) = &item.job.request_id
+            && let Some(r) = &item.work.request_id
         {
-            first_of.insert((item.job.owner, r.clone()), i);
+            first_of.insert((item.work.owner, r.clone()), i);
         }
         duplicate_of.push(first);
     }
@@ -154,7 +288,7 @@ async fn write(pool: &PgPool, mut items: Vec<Item>) {
         .zip(&ids)
         .zip(&duplicate_of)
         .filter(|(_, dup)| dup.is_none())
-        .map(|((item, id), _)| (*id, &item.job))
+        .map(|((item, id), _)| (*id, &item.work))
         .collect();
     // Concurrent batches take their request_ids in one order, so they cannot deadlock on
     // each other's uncommitted rows.
@@ -172,7 +306,7 @@ async fn write(pool: &PgPool, mut items: Vec<Item>) {
             let message = e.to_string();
             for item in items {
                 let e = Error::Unavailable(message.clone().into());
-                let _ = item.reply.send((Err(e), item.job));
+                item.answer(Err(e));
             }
             return;
         }
@@ -181,8 +315,8 @@ async fn write(pool: &PgPool, mut items: Vec<Item>) {
             // and gets its own answer.
             tracing::debug!(error = %e, "batched create failed; writing one by one");
             for item in items {
-                let result = insert_one(pool, &item.caller, &item.job).await;
-                let _ = item.reply.send((result, item.job));
+                let result = insert_one(pool, &item.caller, &item.work).await;
+                item.answer(result);
             }
             return;
         }
@@ -198,7 +332,7 @@ async fn write(pool: &PgPool, mut items: Vec<Item>) {
     }
     let mut answers: Vec<Option<WrittenRow>> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let key = item.job.request_id.clone().map(|r| (item.job.owner, r));
+        let key = item.work.request_id.clone().map(|r| (item.work.owner, r));
         let answer = match duplicate_of[i] {
             Some(first) => answers[first].clone().map(|mut row| {
                 row.written = false;
@@ -214,9 +348,9 @@ async fn write(pool: &PgPool, mut items: Vec<Item>) {
         let result = match answer {
             Some(row) => Ok(row),
             // Its request_id was taken by a create that committed during the statement.
-            None => existing(pool, &item.caller, &item.job).await,
+            None => existing(pool, &item.caller, &item.work).await,
         };
-        let _ = item.reply.send((result, item.job));
+        item.answer(result);
     }
 }
 

@@ -222,6 +222,16 @@ pub struct ServeArgs {
     )]
     pub create_batch_workers: usize,
 
+    /// UpdateStatus / CancelJob statements in flight at once; moves arriving meanwhile share
+    /// the next statement and commit. 0 (the default): a quarter of the pool.
+    #[arg(
+        long,
+        env = "JOBSVC_UPDATE_BATCH_WORKERS",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub update_batch_workers: usize,
+
     /// Events queued for one stream before it has to catch up from the history instead
     /// (tests make it small to exercise that path).
     #[arg(

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub slow_queries: Counter,
     pub database_up: Gauge,
     pub create_batch_rows: Histogram,
+    pub update_batch_rows: Histogram,
 }
 
 impl Default for Metrics {
@@ -159,6 +160,12 @@ impl Metrics {
             "CreateJob requests written per statement (natural batching)",
             create_batch_rows.clone(),
         );
+        let update_batch_rows = Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
+        registry.register(
+            "update_batch_rows",
+            "UpdateStatus and CancelJob moves written per statement (natural batching)",
+            update_batch_rows.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -176,6 +183,7 @@ impl Metrics {
             slow_queries,
             database_up,
             create_batch_rows,
+            update_batch_rows,
         }
     }
 

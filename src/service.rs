@@ -56,6 +56,8 @@ pub struct AppState {
     pub db_health: db::health::DbHealth,
     /// CreateJob's writer: concurrent creates share statements and commits.
     pub creates: crate::batch::Creates,
+    /// UpdateStatus's and CancelJob's writer: concurrent moves share statements and commits.
+    pub updates: crate::batch::Updates,
     /// The limit on unary calls working and waiting at once.
     pub admission: crate::admission::Admission,
     /// Flips to true when the server starts shutting down: long calls return early.
@@ -117,11 +119,13 @@ impl JobSvc {
     /// Moves a job through the compare-and-set, then tells retry, forbidden move and version
     /// mismatch apart from the row the statement saw.
     async fn apply_change(&self, caller: &Caller, change: StatusChange) -> Result<JobRow> {
-        let scope = caller.user();
         for _ in 0..CAS_ATTEMPTS {
-            let mut db = db::scoped(&self.state.pool, caller).await?;
-            let row = db::jobs::compare_and_set_status(db.conn(), scope, &change).await;
-            let row = db.finish(row).await?.ok_or(Error::JobNotFound(change.id))?;
+            let row = self
+                .state
+                .updates
+                .apply(*caller, change.clone())
+                .await?
+                .ok_or(Error::JobNotFound(change.id))?;
             if row.written {
                 self.notify();
                 self.inject_lost_response()?;
@@ -424,7 +428,10 @@ impl pb::job_service_server::JobService for JobSvc {
                     "" => None,
                     token => Some(self.state.tokens.open_page_token(token, &fingerprint)?),
                 };
-                let mut db = db::scoped_with_custom_plans(&self.state.pool, &caller).await?;
+                let mut db = match filter.plan_depends_on_values() {
+                    true => db::scoped_with_custom_plans(&self.state.pool, &caller).await?,
+                    false => db::scoped(&self.state.pool, &caller).await?,
+                };
                 let rows = db::jobs::list(db.conn(), &filter, after, page_size + 1).await;
                 let mut rows = db.finish(rows).await?;
                 let next_page_token = if rows.len() as i64 > page_size {

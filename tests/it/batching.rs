@@ -118,3 +118,147 @@ async fn concurrent_creates_share_statements_and_each_gets_its_own_answer() {
     eprintln!("{rows} creates in {statements} statements");
     server.stop().await;
 }
+
+/// Natural batching of UpdateStatus: concurrent moves of several callers, each job moved
+/// twice at once, share statements, and every job still moves exactly once per step, in its
+/// owner's scope only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_moves_share_statements_and_each_job_moves_once() {
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    let port = crate::harness::free_addr().port();
+    let server = TestServer::start_on(
+        &url,
+        &[
+            "--update-batch-workers",
+            "1",
+            "--max-queued-calls",
+            "1000",
+            "--queue-timeout",
+            "30s",
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+        ],
+    )
+    .await;
+    let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let mut clients = Vec::new();
+    for caller in 0..4 {
+        clients.push(match caller {
+            3 => server.service().await,
+            u => server.user(users[u]).await,
+        });
+    }
+    // 30 jobs per caller (the service role's owned by no user).
+    let mut jobs: Vec<(usize, pb::Job)> = Vec::new();
+    for (caller, c) in clients.iter().enumerate() {
+        for i in 0..30 {
+            let job = c
+                .clone()
+                .create_job(pb::CreateJobRequest {
+                    agent_identifier: format!("a{i}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            jobs.push((caller, job));
+        }
+    }
+    let moves = |step: usize| {
+        let mut tasks = Vec::new();
+        for (n, (caller, job)) in jobs.iter().enumerate() {
+            // Every job twice at once (once with its version), and each user's job also by
+            // the next user, who must not find it.
+            let status = match (step, n % 2) {
+                (0, _) => pb::JobStatus::Running,
+                (_, 0) => pb::JobStatus::Completed,
+                _ => pb::JobStatus::Failed,
+            };
+            let mut attempts = vec![(*caller, Some(job.version + step as i64)), (*caller, None)];
+            if *caller < 3 {
+                attempts.push(((*caller + 1) % 3, None));
+            }
+            for (who, expected_version) in attempts {
+                let mut c = clients[who].clone();
+                let req = pb::UpdateStatusRequest {
+                    id: job.id.clone(),
+                    status: status as i32,
+                    result: Some(prost_types::Value {
+                        kind: Some(prost_types::value::Kind::NumberValue(n as f64)),
+                    }),
+                    error_message: format!("e{n}"),
+                    expected_version,
+                };
+                let owner = *caller;
+                tasks.push(tokio::spawn(async move {
+                    (owner, who, status, c.update_status(req).await)
+                }));
+            }
+        }
+        tasks
+    };
+    let mut total = 0;
+    for step in 0..2 {
+        for t in moves(step) {
+            let (owner, who, status, r) = t.await.unwrap();
+            total += 1;
+            if owner == who {
+                let job = r.expect("the owner's moves succeed (applied or already done)");
+                assert_eq!(job.into_inner().status, status as i32);
+            } else {
+                let s = r.expect_err("another user's job is not found");
+                assert_eq!(s.code(), Code::NotFound, "{s:?}");
+            }
+        }
+    }
+    // The history of every job: created, one move to running, one to its end; the right
+    // result or error message.
+    let mut service = clients[3].clone();
+    for (n, (_, job)) in jobs.iter().enumerate() {
+        let events = service
+            .list_job_events(pb::ListJobEventsRequest {
+                job_id: job.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let end = match n % 2 {
+            0 => pb::JobStatus::Completed,
+            _ => pb::JobStatus::Failed,
+        };
+        let statuses: Vec<i32> = events.iter().map(|e| e.status).collect();
+        assert_eq!(
+            statuses,
+            vec![
+                pb::JobStatus::Pending as i32,
+                pb::JobStatus::Running as i32,
+                end as i32
+            ],
+            "job {n}"
+        );
+        let now = service
+            .get_job(pb::GetJobRequest { id: job.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(now.version, 3);
+        match end {
+            pb::JobStatus::Completed => assert_eq!(
+                now.result.and_then(|v| v.kind),
+                Some(prost_types::value::Kind::NumberValue(n as f64))
+            ),
+            _ => assert_eq!(now.error_message, format!("e{n}")),
+        }
+    }
+    // Statements were shared: fewer statements than moves.
+    let text = scrape(port).await;
+    let statements = sample(&text, "jobsvc_update_batch_rows_count").unwrap();
+    let rows = sample(&text, "jobsvc_update_batch_rows_sum").unwrap();
+    assert_eq!(rows, total as f64);
+    assert!(statements < rows, "{statements} statements for {rows} moves");
+    eprintln!("{rows} moves in {statements} statements");
+    server.stop().await;
+}
