@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -551,7 +552,7 @@ impl pb::job_service_server::JobService for JobSvc {
                 }
                 .start()
                 .await?;
-                Ok(Box::pin(ReceiverStream::new(rx)) as UpdateStream)
+                Ok(Box::pin(ReceiverStream::new(rx).map(|r| r.map(|u| *u))) as UpdateStream)
             })
             .instrument(call.span.clone())
             .await;

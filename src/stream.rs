@@ -81,7 +81,9 @@ pub struct Stream {
     pub open: crate::metrics::GaugeGuard,
 }
 
-type Tx = mpsc::Sender<Result<pb::JobUpdate, Status>>;
+/// Updates travel boxed: a channel allocates its first block of slots up front, and a
+/// 296-byte update in each of 32 slots was 9.5 KB of every idle stream's memory.
+type Tx = mpsc::Sender<Result<Box<pb::JobUpdate>, Status>>;
 
 /// Checks a resume position against the kept history: OUT_OF_RANGE when events after it
 /// may be gone, or when it is not a position of this database's history at all.
@@ -103,7 +105,7 @@ impl Stream {
     /// Subscribes (and, starting from now, takes the snapshot that defines "now") before the
     /// call answers, then runs the stream in its own task; the receiver is the gRPC response
     /// stream.
-    pub async fn start(self) -> Result<mpsc::Receiver<Result<pb::JobUpdate, Status>>> {
+    pub async fn start(self) -> Result<mpsc::Receiver<Result<Box<pb::JobUpdate>, Status>>> {
         let (sub, published) = self.feed.subscribe(self.filter.clone());
         let mut state = Cursor {
             at: published,
@@ -247,7 +249,7 @@ impl Stream {
                     resume_token: String::new(),
                     event: Some(Update::Job(crate::convert::job_to_pb(job))),
                 };
-                match tx.send_timeout(Ok(update), SNAPSHOT_STALL).await {
+                match tx.send_timeout(Ok(Box::new(update)), SNAPSHOT_STALL).await {
                     Ok(()) => {}
                     Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                         return Err(Error::ResourceExhausted {
@@ -310,7 +312,7 @@ impl Stream {
             },
             event: Some(Update::Job(event.job.clone())),
         };
-        tx.send(Ok(update)).await.map_err(|_| client_gone())?;
+        tx.send(Ok(Box::new(update))).await.map_err(|_| client_gone())?;
         Ok(true)
     }
 
@@ -322,7 +324,7 @@ impl Stream {
                 .resume_token_with_skip(state.at, state.skip.as_ref()),
             event: Some(event),
         };
-        tx.send(Ok(update)).await.map_err(|_| client_gone())
+        tx.send(Ok(Box::new(update))).await.map_err(|_| client_gone())
     }
 }
 
@@ -366,3 +368,4 @@ fn shutting_down() -> Error {
 fn client_gone() -> Error {
     Error::Internal("client went away".into())
 }
+

@@ -47,7 +47,8 @@ struct Args {
     /// stats-user (one user), mixed (60% list, 25% update, 15% create), fanout (the change
     /// feed, also called `stream`: write throughput with subscribers, commit-to-subscriber
     /// latency with 1 and 1,000 subscribers, fan-out limit, memory per stream, raw
-    /// LISTEN/NOTIFY; its own report).
+    /// LISTEN/NOTIFY; its own report). Not in `all`: stream-memory (the fanout report's
+    /// server memory figures alone).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Concurrent callers (and pgbench clients).
@@ -115,6 +116,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         SCENARIOS.to_vec()
     } else if args.scenario == "stream" {
         vec!["fanout"]
+    } else if args.scenario == "stream-memory" {
+        vec!["stream-memory"]
     } else if SCENARIOS.contains(&args.scenario.as_str()) {
         vec![args.scenario.as_str()]
     } else {
@@ -134,6 +137,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     for name in names {
         if name == "fanout" {
             stream::run(&args, &env).await?;
+            continue;
+        }
+        if name == "stream-memory" {
+            stream::memory(&env).await?;
             continue;
         }
         let o = run_scenario(&args, &mut env, name).await?;

@@ -149,7 +149,10 @@ pub async fn run(args: &Args, env: &Env) -> Result<(), BoxError> {
 
     // 4. Memory per idle stream, in a separate server process.
     match memory_per_stream(env, 1000).await {
-        Ok(bytes) => put("server_bytes_per_idle_stream", bytes.into()),
+        Ok((idle, bytes)) => {
+            put("server_idle_rss_bytes", idle.into());
+            put("server_bytes_per_idle_stream", bytes.into());
+        }
         Err(e) => eprintln!("memory per stream: {e}"),
     }
 
@@ -431,8 +434,19 @@ fn pct(sorted_or_not: &[u32], p: f64) -> f64 {
     v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1000.0
 }
 
-/// RSS growth of a separate `jobsvc serve` per idle stream.
-async fn memory_per_stream(env: &Env, n: usize) -> Result<f64, BoxError> {
+/// Part 4 of the report alone (scenario `stream-memory`).
+pub async fn memory(env: &Env) -> Result<(), BoxError> {
+    let (idle, bytes) = memory_per_stream(env, 1000).await?;
+    let report = serde_json::json!({
+        "server_idle_rss_bytes": idle,
+        "server_bytes_per_idle_stream": bytes,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// The RSS of a separate, idle `jobsvc serve`, and its growth per idle stream.
+async fn memory_per_stream(env: &Env, n: usize) -> Result<(u64, f64), BoxError> {
     let exe = std::env::current_exe()?
         .parent()
         .ok_or("no bench directory")?
@@ -468,7 +482,7 @@ async fn memory_per_stream(env: &Env, n: usize) -> Result<f64, BoxError> {
     let after = rss_bytes(pid)?;
     subs.close().await;
     let _ = child.kill().await;
-    Ok((after.saturating_sub(before)) as f64 / n as f64)
+    Ok((before, (after.saturating_sub(before)) as f64 / n as f64))
 }
 
 fn rss_bytes(pid: u32) -> Result<u64, BoxError> {
