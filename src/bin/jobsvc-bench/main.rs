@@ -48,7 +48,7 @@ struct Args {
     /// feed, also called `stream`: write throughput with subscribers, commit-to-subscriber
     /// latency with 1 and 1,000 subscribers, fan-out limit, memory per stream, raw
     /// LISTEN/NOTIFY; its own report). Not in `all`: stream-memory (the fanout report's
-    /// server memory figures alone).
+    /// server memory figures alone). Several names, comma-separated, run in one set-up.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Concurrent callers (and pgbench clients).
@@ -112,21 +112,21 @@ struct Outcome {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args = Args::parse();
-    let names: Vec<&str> = if args.scenario == "all" {
-        SCENARIOS.to_vec()
-    } else if args.scenario == "stream" {
-        vec!["fanout"]
-    } else if args.scenario == "stream-memory" {
-        vec!["stream-memory"]
-    } else if SCENARIOS.contains(&args.scenario.as_str()) {
-        vec![args.scenario.as_str()]
-    } else {
-        return Err(format!(
-            "unknown scenario {}; one of {SCENARIOS:?} or all",
-            args.scenario
-        )
-        .into());
-    };
+    // `all`, one name, or a comma-separated list (run in that order, in one set-up).
+    let mut names: Vec<&str> = Vec::new();
+    for name in args.scenario.split(',') {
+        match name {
+            "all" => names.extend(SCENARIOS),
+            "stream" => names.push("fanout"),
+            n if SCENARIOS.contains(&n) || n == "stream-memory" => names.push(n),
+            n => {
+                return Err(
+                    format!("unknown scenario {n}; one of {SCENARIOS:?}, stream-memory or all")
+                        .into(),
+                );
+            }
+        }
+    }
     let mut env = start(&args, names.contains(&"fanout")).await?;
     if !args.json {
         println!(
