@@ -111,13 +111,18 @@ impl<T: Send + 'static, R: Send + 'static> Queue<T, R> {
             work,
             reply,
         };
-        let queue_empty = self.tx.capacity() == self.tx.max_capacity();
-        match self.slots.try_acquire() {
-            Ok(_slot) if queue_empty => {
+        // The slot is taken only when nothing is queued, and never held while queueing
+        // (a full queue would then wait on the slot its worker needs).
+        let slot = match self.tx.capacity() == self.tx.max_capacity() {
+            true => self.slots.try_acquire().ok(),
+            false => None,
+        };
+        match slot {
+            Some(_slot) => {
                 self.rows.observe(1.0);
                 (self.write)(vec![item]).await;
             }
-            _ => self
+            None => self
                 .tx
                 .send(item)
                 .await

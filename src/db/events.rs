@@ -342,7 +342,9 @@ pub async fn existing_jobs(
     if let Some(id) = after {
         query = query.bind::<diesel::sql_types::Uuid, _>(id);
     }
-    Ok(query.bind::<BigInt, _>(limit).prepared().load(conn).await?)
+    // Not kept prepared: a stream's first pages, rare, and their best plan depends on the
+    // filter's values (a cached generic plan could walk the wrong index).
+    Ok(query.bind::<BigInt, _>(limit).load(conn).await?)
 }
 
 #[derive(diesel::QueryableByName)]

@@ -10,6 +10,25 @@ use super::models::{JobRow, WrittenRow};
 use crate::domain::JobStatus;
 use crate::error::Result;
 
+/// The columns of a job row ([`JobRow`]), named rather than `*`: statements stay prepared on
+/// their connections (see [`super::Prepared`]), and PostgreSQL refuses to run a prepared
+/// statement whose result shape changed, so `*` would break running replicas on the next
+/// migration that adds a column. With a table alias: `job_columns!("j")`.
+macro_rules! job_columns {
+    () => {
+        "id, user_id, agent_identifier, status, job_data, result, error_message, created_at, \
+         updated_at, started_at, completed_at, version, request_id"
+    };
+    ($t:literal) => {
+        concat!(
+            $t, ".id, ", $t, ".user_id, ", $t, ".agent_identifier, ", $t, ".status, ",
+            $t, ".job_data, ", $t, ".result, ", $t, ".error_message, ", $t, ".created_at, ",
+            $t, ".updated_at, ", $t, ".started_at, ", $t, ".completed_at, ", $t, ".version, ",
+            $t, ".request_id"
+        )
+    };
+}
+
 /// A validated job to create.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -34,24 +53,24 @@ pub struct StatusChange {
 // new row (written) or the existing one. The arbiter is the partial unique index
 // jobs_owner_request_id_key, which treats a NULL owner as one owner. `{owner}` is filled by
 // [`owner_match`], so the lookup of the existing row is an index condition on that index.
-const INSERT_SQL: &str = "
+const INSERT_SQL: &str = concat!("
 WITH ins AS (
     INSERT INTO jobs (user_id, agent_identifier, job_data, request_id)
     VALUES ($1, $2, $3, $4)
     ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
-    RETURNING *
+    RETURNING ", job_columns!(), "
 )
 SELECT ins.*, true AS written FROM ins
 UNION ALL
-SELECT j.*, false FROM jobs j
+SELECT ", job_columns!("j"), ", false FROM jobs j
 WHERE $4 IS NOT NULL AND j.request_id = $4 AND {owner}
-  AND NOT EXISTS (SELECT 1 FROM ins)";
+  AND NOT EXISTS (SELECT 1 FROM ins)");
 
 // The existing row for an owner's request_id, read with a fresh snapshot: used when the row
 // that won the conflict committed after the insert statement's snapshot was taken.
-const BY_REQUEST_ID_SQL: &str = "
-SELECT j.*, false AS written FROM jobs j
-WHERE j.request_id = $2 AND {owner}";
+const BY_REQUEST_ID_SQL: &str = concat!("
+SELECT ", job_columns!("j"), ", false AS written FROM jobs j
+WHERE j.request_id = $2 AND {owner}");
 
 /// The owner condition of the request_id lookups, as jobs_owner_request_id_key can serve it
 /// (`IS NOT DISTINCT FROM` would walk the whole index).
@@ -84,7 +103,7 @@ pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<Writte
 // inserted rows map back to their requests; rows whose owner already used the request_id
 // come back from the lookups (one per kind of owner, each an index condition on
 // jobs_owner_request_id_key). One statement text for every batch size, so it is prepared once.
-const INSERT_MANY_SQL: &str = "
+const INSERT_MANY_SQL: &str = concat!("
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[])
         AS t(id, user_id, agent_identifier, job_data, request_id)
@@ -92,15 +111,15 @@ WITH input AS (
     INSERT INTO jobs (id, user_id, agent_identifier, job_data, request_id)
     SELECT id, user_id, agent_identifier, job_data, request_id FROM input
     ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
-    RETURNING *
+    RETURNING ", job_columns!(), "
 )
 SELECT ins.*, true AS written FROM ins
 UNION ALL
-SELECT j.*, false FROM input i JOIN jobs j ON j.user_id = i.user_id AND j.request_id = i.request_id
+SELECT ", job_columns!("j"), ", false FROM input i JOIN jobs j ON j.user_id = i.user_id AND j.request_id = i.request_id
 WHERE i.request_id IS NOT NULL AND i.id NOT IN (SELECT id FROM ins)
 UNION ALL
-SELECT j.*, false FROM input i JOIN jobs j ON j.user_id IS NULL AND j.request_id = i.request_id
-WHERE i.request_id IS NOT NULL AND i.user_id IS NULL AND i.id NOT IN (SELECT id FROM ins)";
+SELECT ", job_columns!("j"), ", false FROM input i JOIN jobs j ON j.user_id IS NULL AND j.request_id = i.request_id
+WHERE i.request_id IS NOT NULL AND i.user_id IS NULL AND i.id NOT IN (SELECT id FROM ins)");
 
 /// Inserts `jobs` (with the given new ids) in one statement; returns the rows written and the
 /// existing rows of request_ids already used, in no particular order. A job whose request_id
@@ -148,7 +167,11 @@ pub async fn get(
     id: Uuid,
 ) -> Result<Option<JobRow>> {
     let rows: Vec<JobRow> = diesel::sql_query(
-        "SELECT * FROM jobs WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
+        concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM jobs WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)"
+        ),
     )
     .bind::<diesel::sql_types::Uuid, _>(id)
     .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
@@ -162,7 +185,7 @@ pub async fn get(
 // `version` and `updated_at`. When nothing was written the same statement returns the row as
 // its snapshot saw it, so the caller can tell "not found", "retry", "forbidden" and "version
 // mismatch" apart without a second round trip.
-const CAS_SQL: &str = "
+const CAS_SQL: &str = concat!("
 WITH upd AS (
     UPDATE jobs SET
         status = $2::job_status,
@@ -174,12 +197,12 @@ WITH upd AS (
       AND status = ANY($5::job_status[])
       AND ($6::bigint IS NULL OR version = $6)
       AND ($7::uuid IS NULL OR user_id = $7)
-    RETURNING *
+    RETURNING ", job_columns!(), "
 )
 SELECT upd.*, true AS written FROM upd
 UNION ALL
-SELECT j.*, false FROM jobs j
-WHERE j.id = $1 AND ($7::uuid IS NULL OR j.user_id = $7) AND NOT EXISTS (SELECT 1 FROM upd)";
+SELECT ", job_columns!("j"), ", false FROM jobs j
+WHERE j.id = $1 AND ($7::uuid IS NULL OR j.user_id = $7) AND NOT EXISTS (SELECT 1 FROM upd)");
 
 /// Attempts one compare-and-set move. `None`: no such job in scope. `Some(row)` with
 /// `written = false`: the move did not apply, and `row` is the job as the statement saw it.
@@ -212,7 +235,7 @@ pub async fn compare_and_set_status(
 // previous statuses travel as a comma-separated list (arrays of arrays cannot be unnested
 // per row). Rows whose move did not apply come back as the statement saw them. The job ids
 // must be distinct: UPDATE ... FROM applies at most one input row to a job.
-const CAS_MANY_SQL: &str = "
+const CAS_MANY_SQL: &str = concat!("
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::int8[])
         AS t(id, target, result, error_message, allowed, expected_version)
@@ -228,12 +251,12 @@ WITH input AS (
       AND jobs.status = ANY(string_to_array(i.allowed, ',')::job_status[])
       AND (i.expected_version IS NULL OR jobs.version = i.expected_version)
       AND ($7::uuid IS NULL OR jobs.user_id = $7)
-    RETURNING jobs.*
+    RETURNING ", job_columns!("jobs"), "
 )
 SELECT upd.*, true AS written FROM upd
 UNION ALL
-SELECT j.*, false FROM input i JOIN jobs j ON j.id = i.id
-WHERE ($7::uuid IS NULL OR j.user_id = $7) AND i.id NOT IN (SELECT id FROM upd)";
+SELECT ", job_columns!("j"), ", false FROM input i JOIN jobs j ON j.id = i.id
+WHERE ($7::uuid IS NULL OR j.user_id = $7) AND i.id NOT IN (SELECT id FROM upd)");
 
 /// Attempts the compare-and-set `changes` (distinct job ids) in one statement; returns one
 /// row per job found in scope, as [`compare_and_set_status`] would, in no particular order.
@@ -315,7 +338,7 @@ pub async fn list(
     limit: i64,
 ) -> Result<Vec<JobRow>> {
     use diesel::sql_types::{Interval, Timestamptz};
-    let mut sql = String::from("SELECT * FROM jobs WHERE TRUE");
+    let mut sql = String::from(concat!("SELECT ", job_columns!(), " FROM jobs WHERE TRUE"));
     let mut n = 0;
     let mut next = || {
         n += 1;

@@ -118,15 +118,10 @@ impl TestServer {
 
     /// A server on an existing, migrated database, with extra `serve` flags.
     pub async fn start_on(db_url: &str, extra: &[&str]) -> Self {
-        let mut argv = vec![
-            "jobsvc",
-            "--database-url",
-            db_url,
-            "--jwt-secret",
-            SECRET,
-            "--pool-size",
-            "8",
-        ];
+        let mut argv = vec!["jobsvc", "--database-url", db_url, "--jwt-secret", SECRET];
+        if !extra.contains(&"--pool-size") {
+            argv.extend(["--pool-size", "8"]);
+        }
         argv.extend_from_slice(extra);
         let args = ServeArgs::parse_args(argv).expect("test serve arguments");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

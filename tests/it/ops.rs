@@ -413,3 +413,58 @@ async fn export_and_import_round_trip_100000_jobs() {
         lines[50_000..].join("\n") + "\n"
     );
 }
+
+/// Statements stay prepared on pooled connections, and PostgreSQL refuses a prepared
+/// statement whose result shape changed. A migration that adds a column to `jobs` (run by a
+/// newer replica) must not break a running server's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_added_under_a_running_server_breaks_none_of_its_calls() {
+    use diesel_async::RunQueryDsl;
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    // One connection, so every call below reuses the statements prepared before the change.
+    let server = TestServer::start_on(&url, &["--pool-size", "1"]).await;
+    let user = uuid::Uuid::new_v4();
+    let service = server.service().await;
+    let owner = server.user(user).await;
+    let exercise = |mut c: crate::harness::Client, mut s: crate::harness::Client| async move {
+        let job = c
+            .create_job(pb::CreateJobRequest {
+                agent_identifier: "shape".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("create")
+            .into_inner();
+        s.get_job(pb::GetJobRequest { id: job.id.clone() })
+            .await
+            .expect("get");
+        c.list_jobs(pb::ListJobsRequest::default())
+            .await
+            .expect("list");
+        s.list_jobs(pb::ListJobsRequest::default())
+            .await
+            .expect("list as the service role");
+        c.update_status(pb::UpdateStatusRequest {
+            id: job.id.clone(),
+            status: pb::JobStatus::Running as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("update");
+        c.cancel_job(pb::CancelJobRequest {
+            id: job.id,
+            ..Default::default()
+        })
+        .await
+        .expect("cancel");
+    };
+    exercise(owner.clone(), service.clone()).await;
+    let mut conn = jobsvc::db::connect(&url).await.unwrap();
+    diesel::sql_query("ALTER TABLE jobs ADD COLUMN added_later int")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    exercise(owner, service).await;
+    server.stop().await;
+}
