@@ -471,12 +471,16 @@ where
     }
 }
 
-/// Runs pgbench with `script` on the bench database: (tps, mean latency ms).
+/// Runs pgbench with `script` on the bench database: (tps, median latency ms). The median
+/// comes from pgbench's per-transaction log (its summary has only the mean).
 fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
     let bin = EmbeddedPg::find_bin_dir().ok()?.join("pgbench");
     eprintln!("pgbench: measuring {:?}", args.duration);
     let file = std::env::temp_dir().join(format!("jobsvc-bench-{}.sql", std::process::id()));
     std::fs::write(&file, script).ok()?;
+    let logs = std::env::temp_dir().join(format!("jobsvc-bench-{}-log", std::process::id()));
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs).ok()?;
     let out = Command::new(bin)
         .args([
             "-n",
@@ -493,9 +497,25 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
         .arg(args.duration.as_secs().max(1).to_string())
         .arg("-f")
         .arg(&file)
+        .arg("-l")
+        .arg(format!("--log-prefix={}", logs.join("pgbench").display()))
         .arg("bench")
         .output()
         .ok()?;
+    // Each log line: client, transaction number, latency in microseconds, ...
+    let mut latencies: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(&logs).ok()?.flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        latencies.extend(
+            text.lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<u64>().ok()),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&logs);
+    latencies.sort_unstable();
+    let median = latencies
+        .get(latencies.len() / 2)
+        .map(|us| *us as f64 / 1000.0);
     let text = String::from_utf8_lossy(&out.stdout);
     let grab = |prefix: &str| {
         text.lines().find(|l| l.starts_with(prefix)).and_then(|l| {
@@ -505,7 +525,7 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
         })
     };
     let tps = grab("tps")?;
-    let lat = grab("latency average").unwrap_or(0.0);
+    let lat = median.or_else(|| grab("latency average")).unwrap_or(0.0);
     Some((tps, lat))
 }
 
