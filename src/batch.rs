@@ -16,8 +16,8 @@ use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 
-use prometheus_client::metrics::histogram::Histogram;
 use futures_util::future::{BoxFuture, FutureExt};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -122,11 +122,7 @@ impl<T: Send + 'static, R: Send + 'static> Queue<T, R> {
                 self.rows.observe(1.0);
                 (self.write)(vec![item]).await;
             }
-            None => self
-                .tx
-                .send(item)
-                .await
-                .map_err(|_| Error::ShuttingDown)?,
+            None => self.tx.send(item).await.map_err(|_| Error::ShuttingDown)?,
         }
         // No answer: the batch was abandoned because the database stopped answering.
         let (result, work) = answer.await.map_err(|_| {
@@ -240,8 +236,9 @@ async fn write_updates(pool: PgPool, mut items: Vec<Item<StatusChange, Option<Wr
     // A job twice in the batch: its first move goes in the statement, the others after it,
     // one by one, as if they had arrived later.
     let mut seen = HashSet::new();
-    let (mut batch, later): (Vec<_>, Vec<_>) =
-        items.into_iter().partition(|item| seen.insert(item.work.id));
+    let (mut batch, later): (Vec<_>, Vec<_>) = items
+        .into_iter()
+        .partition(|item| seen.insert(item.work.id));
     // Concurrent batches lock their jobs in one order, so they cannot deadlock on each other.
     batch.sort_by_key(|item| item.work.id);
     let caller = batch[0].caller;

@@ -312,7 +312,9 @@ impl Stream {
             },
             event: Some(Update::Job(event.job.clone())),
         };
-        tx.send(Ok(Box::new(update))).await.map_err(|_| client_gone())?;
+        tx.send(Ok(Box::new(update)))
+            .await
+            .map_err(|_| client_gone())?;
         Ok(true)
     }
 
@@ -324,7 +326,9 @@ impl Stream {
                 .resume_token_with_skip(state.at, state.skip.as_ref()),
             event: Some(event),
         };
-        tx.send(Ok(Box::new(update))).await.map_err(|_| client_gone())
+        tx.send(Ok(Box::new(update)))
+            .await
+            .map_err(|_| client_gone())
     }
 }
 
@@ -368,4 +372,3 @@ fn shutting_down() -> Error {
 fn client_gone() -> Error {
     Error::Internal("client went away".into())
 }
-

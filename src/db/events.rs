@@ -274,7 +274,8 @@ pub async fn snapshot(conn: &mut AsyncPgConnection) -> Result<(Snapshot, Positio
         "SELECT pg_current_snapshot()::text AS snapshot, t.feed_xid AS tail_xid, t.seq AS tail_seq \
          FROM job_events_tail(pg_snapshot_xmin(pg_current_snapshot())) t",
     )
-    .prepared().get_result(conn)
+    .prepared()
+    .get_result(conn)
     .await?;
     let snapshot = Snapshot::parse(&row.snapshot)
         .ok_or_else(|| Error::Internal(format!("unparsable snapshot {:?}", row.snapshot).into()))?;
@@ -366,7 +367,8 @@ pub async fn resumable_range(conn: &mut AsyncPgConnection) -> Result<(Position, 
                 pg_snapshot_xmax(pg_current_snapshot())::text::int8 AS next_xid \
          FROM job_events_pruned",
     )
-    .prepared().get_result(conn)
+    .prepared()
+    .get_result(conn)
     .await?;
     let pruned = Position {
         xid: row.feed_xid,

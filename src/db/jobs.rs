@@ -14,6 +14,7 @@ use crate::error::Result;
 /// their connections (see [`super::Prepared`]), and PostgreSQL refuses to run a prepared
 /// statement whose result shape changed, so `*` would break running replicas on the next
 /// migration that adds a column. With a table alias: `job_columns!("j")`.
+#[rustfmt::skip] // one line per SQL clause reads better than one per token
 macro_rules! job_columns {
     () => {
         "id, user_id, agent_identifier, status, job_data, result, error_message, created_at, \
@@ -53,6 +54,7 @@ pub struct StatusChange {
 // new row (written) or the existing one. The arbiter is the partial unique index
 // jobs_owner_request_id_key, which treats a NULL owner as one owner. `{owner}` is filled by
 // [`owner_match`], so the lookup of the existing row is an index condition on that index.
+#[rustfmt::skip]
 const INSERT_SQL: &str = concat!("
 WITH ins AS (
     INSERT INTO jobs (user_id, agent_identifier, job_data, request_id)
@@ -68,6 +70,7 @@ WHERE $4 IS NOT NULL AND j.request_id = $4 AND {owner}
 
 // The existing row for an owner's request_id, read with a fresh snapshot: used when the row
 // that won the conflict committed after the insert statement's snapshot was taken.
+#[rustfmt::skip]
 const BY_REQUEST_ID_SQL: &str = concat!("
 SELECT ", job_columns!("j"), ", false AS written FROM jobs j
 WHERE j.request_id = $2 AND {owner}");
@@ -89,7 +92,8 @@ pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<Writte
         .bind::<Text, _>(&job.agent_identifier)
         .bind::<Jsonb, _>(&job.job_data)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())
-        .prepared().load(conn)
+        .prepared()
+        .load(conn)
         .await?;
     if let Some(row) = rows.into_iter().next() {
         return Ok(row);
@@ -103,6 +107,7 @@ pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<Writte
 // inserted rows map back to their requests; rows whose owner already used the request_id
 // come back from the lookups (one per kind of owner, each an index condition on
 // jobs_owner_request_id_key). One statement text for every batch size, so it is prepared once.
+#[rustfmt::skip]
 const INSERT_MANY_SQL: &str = concat!("
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[])
@@ -144,7 +149,8 @@ pub async fn insert_many(
         .bind::<Array<Text>, _>(agents)
         .bind::<Array<Jsonb>, _>(data)
         .bind::<Array<Nullable<Text>>, _>(request_ids)
-        .prepared().load(conn)
+        .prepared()
+        .load(conn)
         .await?;
     Ok(rows)
 }
@@ -155,7 +161,8 @@ pub async fn by_request_id(conn: &mut AsyncPgConnection, job: &NewJob) -> Result
     let row: WrittenRow = diesel::sql_query(BY_REQUEST_ID_SQL.replace("{owner}", owner))
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())
-        .prepared().get_result(conn)
+        .prepared()
+        .get_result(conn)
         .await?;
     Ok(row)
 }
@@ -166,16 +173,15 @@ pub async fn get(
     scope: Option<Uuid>,
     id: Uuid,
 ) -> Result<Option<JobRow>> {
-    let rows: Vec<JobRow> = diesel::sql_query(
-        concat!(
-            "SELECT ",
-            job_columns!(),
-            " FROM jobs WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)"
-        ),
-    )
+    let rows: Vec<JobRow> = diesel::sql_query(concat!(
+        "SELECT ",
+        job_columns!(),
+        " FROM jobs WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)"
+    ))
     .bind::<diesel::sql_types::Uuid, _>(id)
     .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
-    .prepared().load(conn)
+    .prepared()
+    .load(conn)
     .await?;
     Ok(rows.into_iter().next())
 }
@@ -185,6 +191,7 @@ pub async fn get(
 // `version` and `updated_at`. When nothing was written the same statement returns the row as
 // its snapshot saw it, so the caller can tell "not found", "retry", "forbidden" and "version
 // mismatch" apart without a second round trip.
+#[rustfmt::skip]
 const CAS_SQL: &str = concat!("
 WITH upd AS (
     UPDATE jobs SET
@@ -225,7 +232,8 @@ pub async fn compare_and_set_status(
         .bind::<Array<Text>, _>(allowed)
         .bind::<Nullable<BigInt>, _>(change.expected_version)
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
-        .prepared().load(conn)
+        .prepared()
+        .load(conn)
         .await?;
     Ok(rows.into_iter().next())
 }
@@ -235,6 +243,7 @@ pub async fn compare_and_set_status(
 // previous statuses travel as a comma-separated list (arrays of arrays cannot be unnested
 // per row). Rows whose move did not apply come back as the statement saw them. The job ids
 // must be distinct: UPDATE ... FROM applies at most one input row to a job.
+#[rustfmt::skip]
 const CAS_MANY_SQL: &str = concat!("
 WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::int8[])
@@ -269,10 +278,7 @@ pub async fn compare_and_set_many(
     let targets: Vec<&str> = changes.iter().map(|c| c.target.as_str()).collect();
     let results: Vec<Option<&serde_json::Value>> =
         changes.iter().map(|c| c.result.as_ref()).collect();
-    let messages: Vec<Option<&str>> = changes
-        .iter()
-        .map(|c| c.error_message.as_deref())
-        .collect();
+    let messages: Vec<Option<&str>> = changes.iter().map(|c| c.error_message.as_deref()).collect();
     let allowed: Vec<String> = changes
         .iter()
         .map(|c| {

@@ -72,7 +72,8 @@ pub async fn get(
     let oldest: Oldest = diesel::sql_query(OLDEST_SELECT)
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(user)
         .bind::<Nullable<Text>, _>(agent)
-        .prepared().get_result(conn)
+        .prepared()
+        .get_result(conn)
         .await?;
     let counts_sql = format!("{COUNTS_SELECT}{}", scope_clause(user, agent));
     let mut counts_q = diesel::sql_query(counts_sql).into_boxed::<diesel::pg::Pg>();

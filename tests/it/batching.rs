@@ -258,7 +258,10 @@ async fn concurrent_moves_share_statements_and_each_job_moves_once() {
     let statements = sample(&text, "jobsvc_update_batch_rows_count").unwrap();
     let rows = sample(&text, "jobsvc_update_batch_rows_sum").unwrap();
     assert_eq!(rows, total as f64);
-    assert!(statements < rows, "{statements} statements for {rows} moves");
+    assert!(
+        statements < rows,
+        "{statements} statements for {rows} moves"
+    );
     eprintln!("{rows} moves in {statements} statements");
     server.stop().await;
 }

@@ -452,12 +452,9 @@ async fn a_column_added_under_a_running_server_breaks_none_of_its_calls() {
         })
         .await
         .expect("update");
-        c.cancel_job(pb::CancelJobRequest {
-            id: job.id,
-            ..Default::default()
-        })
-        .await
-        .expect("cancel");
+        c.cancel_job(pb::CancelJobRequest { id: job.id })
+            .await
+            .expect("cancel");
     };
     exercise(owner.clone(), service.clone()).await;
     let mut conn = jobsvc::db::connect(&url).await.unwrap();

@@ -120,10 +120,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             "stream" => names.push("fanout"),
             n if SCENARIOS.contains(&n) || n == "stream-memory" => names.push(n),
             n => {
-                return Err(
-                    format!("unknown scenario {n}; one of {SCENARIOS:?}, stream-memory or all")
-                        .into(),
-                );
+                return Err(format!(
+                    "unknown scenario {n}; one of {SCENARIOS:?}, stream-memory or all"
+                )
+                .into());
             }
         }
     }
