@@ -6,19 +6,20 @@ use jobsvc::pb;
 use tonic::Code;
 use uuid::Uuid;
 
-use crate::harness::{TestServer, all_jobs, fresh_database, reason, shared_pg};
+use crate::harness::{Client, TestServer, all_jobs, fresh_database, reason, shared_pg};
 use crate::ops::{sample, scrape};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_creates_share_statements_and_each_gets_its_own_answer() {
+/// A server with one writer for the batched kind `workers_flag` (every call that arrives while
+/// a statement is in flight joins the next), room for every call to queue, and metrics on the
+/// returned port; clients of 3 users (0..3) and of the service role (3).
+async fn one_writer(workers_flag: &str) -> (TestServer, u16, Vec<Uuid>, Vec<Client>) {
     let pg = shared_pg().await;
     let url = fresh_database(&pg).await;
     let port = crate::harness::free_addr().port();
-    // One writer: every create that arrives while a statement is in flight joins the next.
     let server = TestServer::start_on(
         &url,
         &[
-            "--create-batch-workers",
+            workers_flag,
             "1",
             "--max-queued-calls",
             "1000",
@@ -30,14 +31,23 @@ async fn concurrent_creates_share_statements_and_each_gets_its_own_answer() {
     )
     .await;
     let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let mut clients = Vec::new();
+    for caller in 0..4 {
+        clients.push(match caller {
+            3 => server.service().await,
+            u => server.user(users[u]).await,
+        });
+    }
+    (server, port, users, clients)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_share_statements_and_each_gets_its_own_answer() {
+    let (server, port, users, clients) = one_writer("--create-batch-workers").await;
     let mut tasks = Vec::new();
     // 3 users and the service role, 100 creates each, all at once. Every fifth create reuses
     // one of 4 request_ids (the same payload); one in ten of those sends another payload.
-    for caller in 0..4 {
-        let c = match caller {
-            3 => server.service().await,
-            u => server.user(users[u]).await,
-        };
+    for (caller, c) in clients.iter().enumerate() {
         for i in 0..100 {
             let mut c = c.clone();
             tasks.push(tokio::spawn(async move {
@@ -124,31 +134,7 @@ async fn concurrent_creates_share_statements_and_each_gets_its_own_answer() {
 /// owner's scope only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_moves_share_statements_and_each_job_moves_once() {
-    let pg = shared_pg().await;
-    let url = fresh_database(&pg).await;
-    let port = crate::harness::free_addr().port();
-    let server = TestServer::start_on(
-        &url,
-        &[
-            "--update-batch-workers",
-            "1",
-            "--max-queued-calls",
-            "1000",
-            "--queue-timeout",
-            "30s",
-            "--metrics-listen",
-            &format!("127.0.0.1:{port}"),
-        ],
-    )
-    .await;
-    let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
-    let mut clients = Vec::new();
-    for caller in 0..4 {
-        clients.push(match caller {
-            3 => server.service().await,
-            u => server.user(users[u]).await,
-        });
-    }
+    let (server, port, _users, clients) = one_writer("--update-batch-workers").await;
     // 30 jobs per caller (the service role's owned by no user).
     let mut jobs: Vec<(usize, pb::Job)> = Vec::new();
     for (caller, c) in clients.iter().enumerate() {
