@@ -45,6 +45,17 @@ impl<T, R> Item<T, R> {
     }
 }
 
+/// The database went away during a batch: every item of it hears so.
+fn answer_unavailable<T, R>(
+    items: impl IntoIterator<Item = Item<T, R>>,
+    cause: &dyn std::fmt::Display,
+) {
+    let message = cause.to_string();
+    for item in items {
+        item.answer(Err(Error::Unavailable(message.clone().into())));
+    }
+}
+
 type WriteFn<T, R> = dyn Fn(Vec<Item<T, R>>) -> BoxFuture<'static, ()> + Send + Sync;
 
 /// A queue of one kind of write and its workers.
@@ -218,15 +229,20 @@ impl Updates {
         }))
     }
 
-    /// One compare-and-set attempt (see [`db::jobs::compare_and_set_status`]) for `caller`.
-    pub async fn apply(&self, caller: Caller, change: StatusChange) -> Result<Option<WrittenRow>> {
-        Ok(self.0.submit(caller, change).await?.0)
+    /// One compare-and-set attempt (see [`db::jobs::compare_and_set_status`]) for `caller`;
+    /// gives `change` back.
+    pub async fn apply(
+        &self,
+        caller: Caller,
+        change: StatusChange,
+    ) -> Result<(Option<WrittenRow>, StatusChange)> {
+        self.0.submit(caller, change).await
     }
 }
 
 /// Writes one caller's compare-and-sets and answers each.
 async fn write_updates(pool: PgPool, mut items: Vec<Item<StatusChange, Option<WrittenRow>>>) {
-    let scope = items[0].caller.user();
+    let caller = items[0].caller;
     if items.len() == 1 {
         let item = items.pop().expect("one item");
         let result = update_one(&pool, &item.caller, &item.work).await;
@@ -241,11 +257,10 @@ async fn write_updates(pool: PgPool, mut items: Vec<Item<StatusChange, Option<Wr
         .partition(|item| seen.insert(item.work.id));
     // Concurrent batches lock their jobs in one order, so they cannot deadlock on each other.
     batch.sort_by_key(|item| item.work.id);
-    let caller = batch[0].caller;
     let written = async {
         let changes: Vec<&StatusChange> = batch.iter().map(|item| &item.work).collect();
         let mut db = db::scoped(&pool, &caller).await?;
-        let rows = db::jobs::compare_and_set_many(db.conn(), scope, &changes).await;
+        let rows = db::jobs::compare_and_set_many(db.conn(), caller.user(), &changes).await;
         db.finish(rows).await
     }
     .await;
@@ -259,10 +274,7 @@ async fn write_updates(pool: PgPool, mut items: Vec<Item<StatusChange, Option<Wr
             }
         }
         Err(Error::Unavailable(e)) => {
-            let message = e.to_string();
-            for item in batch.into_iter().chain(later) {
-                item.answer(Err(Error::Unavailable(message.clone().into())));
-            }
+            answer_unavailable(batch.into_iter().chain(later), &e);
             return;
         }
         Err(e) => {
@@ -337,11 +349,7 @@ async fn write_creates(pool: PgPool, mut items: Vec<Item<NewJob, WrittenRow>>) {
     let rows = match written {
         Ok(rows) => rows,
         Err(Error::Unavailable(e)) => {
-            let message = e.to_string();
-            for item in items {
-                let e = Error::Unavailable(message.clone().into());
-                item.answer(Err(e));
-            }
+            answer_unavailable(items, &e);
             return;
         }
         Err(e) => {

@@ -12,11 +12,6 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 use crate::error::Error;
 
-/// tonic allocates each call's encode buffer up front (8 KiB by default) and a stream keeps
-/// it for its whole life: most of an idle stream's memory. 1 KiB holds a typical Job; a
-/// larger message grows the buffer as it is written. The yield threshold is tonic's default.
-const ENCODE_BUFFER: (usize, usize) = (1024, 32 * 1024);
-
 #[derive(Debug, Clone)]
 pub struct JobsCodec<T, U> {
     _pd: PhantomData<(T, U)>,
@@ -38,8 +33,12 @@ where
     type Encoder = ProstEncoder<T>;
     type Decoder = JobsDecoder<U>;
 
+    /// tonic allocates each call's encode buffer up front (8 KiB by default) and a stream
+    /// keeps it for its whole life: most of an idle stream's memory. 1 KiB holds a typical
+    /// Job; a larger message grows the buffer as it is written. The yield threshold (32 KiB)
+    /// is tonic's default.
     fn encoder(&mut self) -> Self::Encoder {
-        ProstCodec::<T, U>::raw_encoder(BufferSettings::new(ENCODE_BUFFER.0, ENCODE_BUFFER.1))
+        ProstCodec::<T, U>::raw_encoder(BufferSettings::new(1024, 32 * 1024))
     }
 
     fn decoder(&mut self) -> Self::Decoder {

@@ -119,14 +119,11 @@ impl JobSvc {
 
     /// Moves a job through the compare-and-set, then tells retry, forbidden move and version
     /// mismatch apart from the row the statement saw.
-    async fn apply_change(&self, caller: &Caller, change: StatusChange) -> Result<JobRow> {
+    async fn apply_change(&self, caller: &Caller, mut change: StatusChange) -> Result<JobRow> {
         for _ in 0..CAS_ATTEMPTS {
-            let row = self
-                .state
-                .updates
-                .apply(*caller, change.clone())
-                .await?
-                .ok_or(Error::JobNotFound(change.id))?;
+            let (row, back) = self.state.updates.apply(*caller, change).await?;
+            change = back;
+            let row = row.ok_or(Error::JobNotFound(change.id))?;
             if row.written {
                 self.notify();
                 self.inject_lost_response()?;
