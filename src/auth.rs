@@ -5,6 +5,7 @@
 //! checked, both with a small explicit leeway; `role` is `authenticated` (with the user's UUID
 //! in `sub`) or `service_role`.
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
@@ -86,7 +87,18 @@ pub struct Authenticator {
     key: DecodingKey,
     validation: Validation,
     leeway: Duration,
+    verified: Arc<Mutex<HashMap<Box<str>, Caller>>>,
 }
+
+/// Tokens verified at most this many at a time are remembered; then the memory starts over.
+///
+/// A client sends the same token on every call until it expires, and verifying one (parsing
+/// its header and claims, keying an HMAC) was 5% of the service's CPU under load and 25 µs of
+/// every call at one caller. A remembered token is still checked against its expiry on every
+/// use. Written by hand rather than taken from a cache crate: a map that is cleared when full
+/// is all this needs (a client holds one token at a time, and a clear costs each client one
+/// verification).
+const VERIFIED_TOKENS: usize = 4096;
 
 impl Authenticator {
     pub fn new(secret: &[u8], leeway: Duration) -> Self {
@@ -102,6 +114,7 @@ impl Authenticator {
             key: DecodingKey::from_secret(secret),
             validation,
             leeway,
+            verified: Arc::default(),
         }
     }
 
@@ -131,8 +144,30 @@ impl Authenticator {
         self.verify(token)
     }
 
-    /// Verifies one token string.
+    /// Verifies one token string (or finds it verified before and not yet expired).
     pub fn verify(&self, token: &str) -> Result<Caller> {
+        let now = jsonwebtoken::get_current_timestamp() as i64;
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        match verified.get(token) {
+            Some(caller) if caller.expires_at >= now => return Ok(*caller),
+            // Expired: verified again below, which gives the expiry its own answer.
+            Some(_) => {
+                verified.remove(token);
+            }
+            None => {}
+        }
+        drop(verified);
+        let caller = self.verify_signed(token)?;
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_TOKENS {
+            verified.clear();
+        }
+        verified.insert(token.into(), caller);
+        Ok(caller)
+    }
+
+    /// Checks a token's signature and claims.
+    fn verify_signed(&self, token: &str) -> Result<Caller> {
         let data =
             jsonwebtoken::decode::<HashMap<String, Value>>(token, &self.key, &self.validation)
                 .map_err(|e| match e.kind() {

@@ -368,3 +368,38 @@ async fn unscoped_sql_in_a_user_context_sees_only_that_user() {
     assert_eq!((who.role.as_str(), who.claims), ("postgres", None));
     server.stop().await;
 }
+
+/// A token is verified once and then remembered, but never past its expiry: once `exp` (plus
+/// the leeway, here none) is behind, the same token gets TOKEN_EXPIRED.
+#[tokio::test]
+async fn a_remembered_token_still_expires() {
+    let auth = jobsvc::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
+    let token = jobsvc::auth::issue(
+        SECRET.as_bytes(),
+        "service_role",
+        None,
+        Duration::from_secs(1),
+    );
+    auth.verify(&token).unwrap();
+    auth.verify(&token).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        match auth.verify(&token) {
+            Err(e) => break e,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Ok(_) => panic!("a token 1 s from expiry was still accepted 5 s later"),
+        }
+    };
+    assert!(
+        matches!(
+            refused,
+            jobsvc::error::Error::Unauthenticated {
+                reason: "TOKEN_EXPIRED",
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+}
