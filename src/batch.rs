@@ -260,7 +260,9 @@ async fn write_updates(pool: PgPool, mut items: Vec<Item<StatusChange, Option<Wr
     let written = async {
         let changes: Vec<&StatusChange> = batch.iter().map(|item| &item.work).collect();
         let mut db = db::scoped(&pool, &caller).await?;
-        let rows = db::jobs::compare_and_set_many(db.conn(), caller.user(), &changes).await;
+        let rows = db
+            .run(|c| db::jobs::compare_and_set_many(c, caller.user(), &changes))
+            .await;
         db.finish(rows).await
     }
     .await;
@@ -299,7 +301,9 @@ async fn update_one(
     change: &StatusChange,
 ) -> Result<Option<WrittenRow>> {
     let mut db = db::scoped(pool, caller).await?;
-    let row = db::jobs::compare_and_set_status(db.conn(), caller.user(), change).await;
+    let row = db
+        .run(|c| db::jobs::compare_and_set_status(c, caller.user(), change))
+        .await;
     db.finish(row).await
 }
 
@@ -342,7 +346,7 @@ async fn write_creates(pool: PgPool, mut items: Vec<Item<NewJob, WrittenRow>>) {
     let caller = items[0].caller;
     let written = async {
         let mut db = db::scoped(pool, &caller).await?;
-        let rows = db::jobs::insert_many(db.conn(), &unique).await;
+        let rows = db.run(|c| db::jobs::insert_many(c, &unique)).await;
         db.finish(rows).await
     }
     .await;
@@ -398,12 +402,12 @@ async fn write_creates(pool: PgPool, mut items: Vec<Item<NewJob, WrittenRow>>) {
 
 async fn insert_one(pool: &PgPool, caller: &Caller, job: &NewJob) -> Result<WrittenRow> {
     let mut db = db::scoped(pool, caller).await?;
-    let row = db::jobs::insert(db.conn(), job).await;
+    let row = db.run(|c| db::jobs::insert(c, job)).await;
     db.finish(row).await
 }
 
 async fn existing(pool: &PgPool, caller: &Caller, job: &NewJob) -> Result<WrittenRow> {
     let mut db = db::scoped(pool, caller).await?;
-    let row = db::jobs::by_request_id(db.conn(), job).await;
+    let row = db.run(|c| db::jobs::by_request_id(c, job)).await;
     db.finish(row).await
 }

@@ -204,7 +204,7 @@ async fn fold_stats(pool: PgPool, metrics: Arc<Metrics>, mut shutdown: watch::Re
         let result = async {
             let mut conn = pool.get().await?;
             db::stats::fold(&mut conn).await?;
-            let (c, _) = db::stats::get(&mut conn, None, None).await?;
+            let (c, _) = db::stats::get(&conn, None, None).await?;
             metrics.set_jobs([
                 ("pending", c.pending),
                 ("running", c.running),

@@ -155,7 +155,7 @@ impl JobSvc {
     async fn get(&self, caller: &Caller, id: Uuid) -> Result<JobRow> {
         let scope = caller.user();
         let mut db = db::scoped(&self.state.pool, caller).await?;
-        let row = db::jobs::get(db.conn(), scope, id).await;
+        let row = db.run(|c| db::jobs::get(c, scope, id)).await;
         db.finish(row).await?.ok_or(Error::JobNotFound(id))
     }
 }
@@ -426,11 +426,14 @@ impl pb::job_service_server::JobService for JobSvc {
                     "" => None,
                     token => Some(self.state.tokens.open_page_token(token, &fingerprint)?),
                 };
-                let mut db = match filter.plan_depends_on_values() {
-                    true => db::scoped_with_custom_plans(&self.state.pool, &caller).await?,
-                    false => db::scoped(&self.state.pool, &caller).await?,
+                let plans = match filter.plan_depends_on_values() {
+                    true => db::Plans::Custom,
+                    false => db::Plans::Generic,
                 };
-                let rows = db::jobs::list(db.conn(), &filter, after, page_size + 1).await;
+                let mut db = db::scoped_with_plans(&self.state.pool, &caller, plans).await?;
+                let rows = db
+                    .run(|c| db::jobs::list(c, &filter, after, page_size + 1))
+                    .await;
                 let mut rows = db.finish(rows).await?;
                 let next_page_token = if rows.len() as i64 > page_size {
                     rows.truncate(page_size as usize);
@@ -470,19 +473,21 @@ impl pb::job_service_server::JobService for JobSvc {
                 };
                 let scope = caller.user();
                 let mut db = db::scoped(&self.state.pool, &caller).await?;
-                let rows = async {
-                    let rows =
-                        db::events::history(db.conn(), scope, job_id, after, page_size + 1).await?;
-                    // No history at all: tell a job that does not exist (for this caller) apart.
-                    if rows.is_empty()
-                        && after == 0
-                        && db::jobs::get(db.conn(), scope, job_id).await?.is_none()
-                    {
-                        return Err(Error::JobNotFound(job_id));
-                    }
-                    Ok(rows)
-                }
-                .await;
+                let rows = db
+                    .run(|c| async move {
+                        let rows =
+                            db::events::history(c, scope, job_id, after, page_size + 1).await?;
+                        // No history at all: tell a job that does not exist (for this caller)
+                        // apart.
+                        if rows.is_empty()
+                            && after == 0
+                            && db::jobs::get(c, scope, job_id).await?.is_none()
+                        {
+                            return Err(Error::JobNotFound(job_id));
+                        }
+                        Ok(rows)
+                    })
+                    .await;
                 let mut rows = db.finish(rows).await?;
                 let next_page_token = if rows.len() as i64 > page_size {
                     rows.truncate(page_size as usize);
@@ -572,7 +577,7 @@ impl pb::job_service_server::JobService for JobSvc {
                     a => Some(convert::validate_agent_identifier("agent_identifier", a)?),
                 };
                 let mut db = db::scoped(&self.state.pool, &caller).await?;
-                let figures = db::stats::get(db.conn(), user, agent.as_deref()).await;
+                let figures = db.run(|c| db::stats::get(c, user, agent.as_deref())).await;
                 let (c, oldest) = db.finish(figures).await?;
                 Ok(pb::JobStats {
                     total: c.total,

@@ -394,7 +394,7 @@ pub struct HistoryRow {
 /// exists and, with `scope`, belongs to that user now (isolation in the application as well
 /// as in row-level security).
 pub async fn history(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     scope: Option<Uuid>,
     job_id: Uuid,
     after: i64,
@@ -410,7 +410,7 @@ pub async fn history(
     .bind::<BigInt, _>(after)
     .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
     .bind::<BigInt, _>(limit)
-    .prepared().load(conn)
+    .prepared().load(&mut conn)
     .await?)
 }
 

@@ -85,7 +85,7 @@ fn owner_match(owner: Option<Uuid>) -> &'static str {
 }
 
 /// Inserts a job, or returns the job this owner's `request_id` already created.
-pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
+pub async fn insert(mut conn: &AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
     let owner = owner_match(job.owner);
     let rows: Vec<WrittenRow> = diesel::sql_query(INSERT_SQL.replace("{owner}", owner))
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
@@ -93,7 +93,7 @@ pub async fn insert(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<Writte
         .bind::<Jsonb, _>(&job.job_data)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())
         .prepared()
-        .load(conn)
+        .load(&mut conn)
         .await?;
     if let Some(row) = rows.into_iter().next() {
         return Ok(row);
@@ -131,7 +131,7 @@ WHERE i.request_id IS NOT NULL AND i.user_id IS NULL AND i.id NOT IN (SELECT id 
 /// was taken by a transaction that committed during the statement has no row here (see
 /// [`by_request_id`]). The request_ids of `jobs` must be distinct per owner.
 pub async fn insert_many(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     jobs: &[(Uuid, &NewJob)],
 ) -> Result<Vec<WrittenRow>> {
     let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
@@ -150,26 +150,26 @@ pub async fn insert_many(
         .bind::<Array<Jsonb>, _>(data)
         .bind::<Array<Nullable<Text>>, _>(request_ids)
         .prepared()
-        .load(conn)
+        .load(&mut conn)
         .await?;
     Ok(rows)
 }
 
 /// The existing job of an owner's request_id (after a conflict with a concurrent insert).
-pub async fn by_request_id(conn: &mut AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
+pub async fn by_request_id(mut conn: &AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
     let owner = owner_match(job.owner);
     let row: WrittenRow = diesel::sql_query(BY_REQUEST_ID_SQL.replace("{owner}", owner))
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())
         .prepared()
-        .get_result(conn)
+        .get_result(&mut conn)
         .await?;
     Ok(row)
 }
 
 /// One job, if it exists and the scope may see it.
 pub async fn get(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     scope: Option<Uuid>,
     id: Uuid,
 ) -> Result<Option<JobRow>> {
@@ -181,7 +181,7 @@ pub async fn get(
     .bind::<diesel::sql_types::Uuid, _>(id)
     .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
     .prepared()
-    .load(conn)
+    .load(&mut conn)
     .await?;
     Ok(rows.into_iter().next())
 }
@@ -214,7 +214,7 @@ WHERE j.id = $1 AND ($7::uuid IS NULL OR j.user_id = $7) AND NOT EXISTS (SELECT 
 /// Attempts one compare-and-set move. `None`: no such job in scope. `Some(row)` with
 /// `written = false`: the move did not apply, and `row` is the job as the statement saw it.
 pub async fn compare_and_set_status(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     scope: Option<Uuid>,
     change: &StatusChange,
 ) -> Result<Option<WrittenRow>> {
@@ -233,7 +233,7 @@ pub async fn compare_and_set_status(
         .bind::<Nullable<BigInt>, _>(change.expected_version)
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
         .prepared()
-        .load(conn)
+        .load(&mut conn)
         .await?;
     Ok(rows.into_iter().next())
 }
@@ -270,7 +270,7 @@ WHERE ($7::uuid IS NULL OR j.user_id = $7) AND i.id NOT IN (SELECT id FROM upd)"
 /// Attempts the compare-and-set `changes` (distinct job ids) in one statement; returns one
 /// row per job found in scope, as [`compare_and_set_status`] would, in no particular order.
 pub async fn compare_and_set_many(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     scope: Option<Uuid>,
     changes: &[&StatusChange],
 ) -> Result<Vec<WrittenRow>> {
@@ -296,7 +296,7 @@ pub async fn compare_and_set_many(
         .bind::<Array<Nullable<BigInt>>, _>(versions)
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
         .prepared()
-        .load(conn)
+        .load(&mut conn)
         .await?)
 }
 
@@ -335,10 +335,10 @@ impl ListFilter {
 /// predicates; the keyset condition is a row comparison that the
 /// `(…, created_at DESC, id DESC)` indexes of migration 2026-11-25-000003 serve directly.
 /// When [`ListFilter::plan_depends_on_values`], run it in a transaction begun by
-/// [`super::scoped_with_custom_plans`]: a generic plan ignores how selective the bound values
-/// are.
+/// [`super::scoped_with_plans`] with [`super::Plans::Custom`]: a generic plan ignores how
+/// selective the bound values are; otherwise with [`super::Plans::Generic`].
 pub async fn list(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     filter: &ListFilter,
     after: Option<crate::tokens::PageCursor>,
     limit: i64,
@@ -418,5 +418,5 @@ pub async fn list(
             .bind::<diesel::sql_types::Uuid, _>(c.id);
     }
     query = query.bind::<BigInt, _>(limit);
-    Ok(query.prepared().load(conn).await?)
+    Ok(query.prepared().load(&mut conn).await?)
 }

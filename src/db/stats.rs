@@ -65,7 +65,7 @@ fn scope_clause(user: Option<Uuid>, agent: Option<&str>) -> &'static str {
 /// The counts use one fixed statement text per scope, so each has its own cached plan on its
 /// own index (a nullable-parameter clause would defeat the index in a generic plan).
 pub async fn get(
-    conn: &mut AsyncPgConnection,
+    mut conn: &AsyncPgConnection,
     user: Option<Uuid>,
     agent: Option<&str>,
 ) -> Result<(Counts, Option<DateTime<Utc>>)> {
@@ -73,7 +73,7 @@ pub async fn get(
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(user)
         .bind::<Nullable<Text>, _>(agent)
         .prepared()
-        .get_result(conn)
+        .get_result(&mut conn)
         .await?;
     let counts_sql = format!("{COUNTS_SELECT}{}", scope_clause(user, agent));
     let mut counts_q = diesel::sql_query(counts_sql).into_boxed::<diesel::pg::Pg>();
@@ -83,7 +83,7 @@ pub async fn get(
     if let Some(a) = agent {
         counts_q = counts_q.bind::<Text, _>(a.to_owned());
     }
-    let counts: Counts = counts_q.prepared().get_result(conn).await?;
+    let counts: Counts = counts_q.prepared().get_result(&mut conn).await?;
     Ok((counts, oldest.oldest))
 }
 

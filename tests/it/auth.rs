@@ -335,10 +335,13 @@ async fn unscoped_sql_in_a_user_context_sees_only_that_user() {
         let caller = auth.verify(&token).unwrap();
         async move {
             let mut db = jobsvc::db::scoped(&pool, &caller).await.unwrap();
-            let rows = diesel::sql_query("SELECT * FROM jobs")
-                .load::<jobsvc::db::models::JobRow>(db.conn())
-                .await
-                .map_err(jobsvc::error::Error::from);
+            let rows = db
+                .run(|mut c| async move {
+                    Ok(diesel::sql_query("SELECT * FROM jobs")
+                        .load::<jobsvc::db::models::JobRow>(&mut c)
+                        .await?)
+                })
+                .await;
             db.finish(rows).await.unwrap()
         }
     };
@@ -352,6 +355,13 @@ async fn unscoped_sql_in_a_user_context_sees_only_that_user() {
 
     // The settings end with the transaction: the pooled connection is clean afterwards.
     let mut conn = pool.get().await.unwrap();
+    assert_eq!(identity(&mut conn).await, ("postgres".to_string(), None));
+    server.stop().await;
+}
+
+/// The database role and claims a connection's next statement runs with.
+async fn identity(conn: &mut diesel_async::AsyncPgConnection) -> (String, Option<String>) {
+    use diesel_async::RunQueryDsl;
     #[derive(diesel::QueryableByName)]
     struct Who {
         #[diesel(sql_type = diesel::sql_types::Text)]
@@ -362,10 +372,38 @@ async fn unscoped_sql_in_a_user_context_sees_only_that_user() {
     let who: Who = diesel::sql_query(
         "SELECT current_user::text AS role, nullif(current_setting('request.jwt.claims', true), '') AS claims",
     )
-    .get_result(&mut conn)
+    .get_result(conn)
     .await
     .unwrap();
-    assert_eq!((who.role.as_str(), who.claims), ("postgres", None));
+    (who.role, who.claims)
+}
+
+/// A user's `BEGIN` and claims travel with the first statement. A call that gives up while
+/// that statement runs leaves the transaction open on its connection, and that connection must
+/// never serve the next caller: the pool's only connection is a fresh one afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_call_cancelled_mid_statement_hands_no_transaction_to_the_next_caller() {
+    use diesel_async::RunQueryDsl;
+    let server = TestServer::start().await;
+    let pool = jobsvc::db::pool(&server.db_url, 1).unwrap();
+    let auth = jobsvc::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
+    let caller = auth.verify(&harness::user_token(Uuid::new_v4())).unwrap();
+    let mut db = jobsvc::db::scoped(&pool, &caller).await.unwrap();
+    let slow = db.run(|mut c| async move {
+        diesel::sql_query("SELECT pg_sleep(3)")
+            .execute(&mut c)
+            .await?;
+        Ok(())
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), slow)
+            .await
+            .is_err(),
+        "the statement should still be running when the caller gives up"
+    );
+    drop(db);
+    let mut conn = pool.get().await.unwrap();
+    assert_eq!(identity(&mut conn).await, ("postgres".to_string(), None));
     server.stop().await;
 }
 

@@ -452,3 +452,79 @@ async fn page_tokens_and_sizes_are_checked() {
     );
     server.stop().await;
 }
+
+/// Pages filtered only by owner reuse one cached plan (PostgreSQL on its own would plan every
+/// one afresh: under `LIMIT $n` the generic plan looks twice as dear); pages with a status
+/// filter are planned for their values every time. Read off the connection's own prepared
+/// statements, for a user (row-level security) and for the service role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_only_pages_keep_one_plan_and_filtered_pages_are_planned_each_time() {
+    use jobsvc::db::{self, Plans, jobs::ListFilter};
+    let server = TestServer::start().await;
+    let user = Uuid::new_v4();
+    let mut svc = server.service().await;
+    for _ in 0..3 {
+        svc.create_job(pb::CreateJobRequest {
+            agent_identifier: "a".into(),
+            user_id: user.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let pool = db::pool(&server.db_url, 1).unwrap();
+    let auth = jobsvc::auth::Authenticator::new(crate::harness::SECRET.as_bytes(), Duration::ZERO);
+    let callers = [
+        auth.verify(&crate::harness::user_token(user)).unwrap(),
+        auth.verify(&crate::harness::service_token()).unwrap(),
+    ];
+    let owner_only = ListFilter {
+        user: Some(user),
+        ..Default::default()
+    };
+    let by_status = ListFilter {
+        user: Some(user),
+        statuses: vec![jobsvc::domain::JobStatus::Pending],
+        ..Default::default()
+    };
+    for (filter, plans) in [(&owner_only, Plans::Generic), (&by_status, Plans::Custom)] {
+        assert_eq!(plans == Plans::Custom, filter.plan_depends_on_values());
+        for caller in &callers {
+            for _ in 0..8 {
+                let mut scoped = db::scoped_with_plans(&pool, caller, plans).await.unwrap();
+                let rows = scoped.run(|c| db::jobs::list(c, filter, None, 51)).await;
+                assert_eq!(scoped.finish(rows).await.unwrap().len(), 3);
+            }
+        }
+    }
+    #[derive(diesel::QueryableByName, Debug)]
+    struct Plan {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        statement: String,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        generic_plans: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        custom_plans: i64,
+    }
+    let mut conn = pool.get().await.unwrap();
+    let plans: Vec<Plan> = diesel::sql_query(
+        "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements \
+         WHERE statement LIKE 'SELECT id, %ORDER BY created_at DESC, id DESC LIMIT%'",
+    )
+    .load(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(plans.len(), 2, "{plans:?}");
+    for p in &plans {
+        let (generic, custom) = match p.statement.contains("status =") {
+            false => (16, 0),
+            true => (0, 16),
+        };
+        assert_eq!(
+            (p.generic_plans, p.custom_plans),
+            (generic, custom),
+            "{p:?}"
+        );
+    }
+    server.stop().await;
+}
