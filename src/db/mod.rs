@@ -41,8 +41,12 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool> {
     config.recycling_method = RecyclingMethod::Fast;
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);
+    // Last in, first out: a lone caller keeps getting the connection it just used, whose
+    // server process has its caches warm. First in, first out (deadpool's default) rotated
+    // every call through the whole pool, and a backend's statement then ran a third slower.
     Pool::builder(manager)
         .max_size(size.max(1))
+        .queue_mode(deadpool::managed::QueueMode::Lifo)
         .wait_timeout(Some(POOL_TIMEOUT))
         .create_timeout(Some(POOL_TIMEOUT))
         .recycle_timeout(Some(POOL_TIMEOUT))
