@@ -105,6 +105,8 @@ async fn monitor(
                 Ok(()) => tracing::info!("database answering again"),
                 Err(e) => tracing::warn!(error = %e, "database not answering: calls fail fast"),
             }
+        } else {
+            super::retire_idle(&pool, super::MAX_IDLE);
         }
         tokio::select! {
             _ = tokio::time::sleep(PING_INTERVAL) => {}

@@ -55,6 +55,20 @@ pub fn pool(database_url: &str, size: usize) -> Result<PgPool> {
         .map_err(|e| Error::Internal(Box::new(e)))
 }
 
+/// Pooled connections unused for this long are closed (by the health monitor, see
+/// [`retire_idle`]); the pool opens new ones on demand.
+pub const MAX_IDLE: Duration = Duration::from_secs(300);
+
+/// Closes the pooled connections idle for `max_idle` or longer. The pool hands out the
+/// connection used last, so under a light load the others sit unused, and a connection that
+/// a NAT, a proxy or the server's `idle_session_timeout` dropped meanwhile would only be
+/// found broken by the call that gets it after the next burst.
+pub fn retire_idle(pool: &PgPool, max_idle: Duration) -> usize {
+    pool.retain(|_, metrics| metrics.last_used() < max_idle)
+        .removed
+        .len()
+}
+
 /// Applies pending migrations under an advisory lock, so replicas starting together take turns.
 pub async fn migrate(database_url: &str) -> Result<()> {
     use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;

@@ -465,3 +465,27 @@ async fn a_column_added_under_a_running_server_breaks_none_of_its_calls() {
     exercise(owner, service).await;
     server.stop().await;
 }
+
+/// Pooled connections left idle are closed (the pool hands out the one used last, so under a
+/// light load the others would otherwise sit unused until a NAT or proxy dropped them), a
+/// connection in use is not, and the pool opens a new one on demand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_pooled_connections_are_closed_and_reopened_on_demand() {
+    use diesel_async::SimpleAsyncConnection;
+    let server = TestServer::start().await;
+    let pool = jobsvc::db::pool(&server.db_url, 2).unwrap();
+    let (a, b) = (pool.get().await.unwrap(), pool.get().await.unwrap());
+    drop((a, b));
+    assert_eq!(pool.status().size, 2);
+    assert_eq!(jobsvc::db::retire_idle(&pool, Duration::from_secs(60)), 0);
+    let mut held = pool.get().await.unwrap();
+    assert_eq!(jobsvc::db::retire_idle(&pool, Duration::ZERO), 1);
+    held.batch_execute("SELECT 1").await.unwrap();
+    drop(held);
+    assert_eq!(pool.status().size, 1);
+    let (mut a, mut b) = (pool.get().await.unwrap(), pool.get().await.unwrap());
+    a.batch_execute("SELECT 1").await.unwrap();
+    b.batch_execute("SELECT 1").await.unwrap();
+    assert_eq!(pool.status().size, 2);
+    server.stop().await;
+}
