@@ -342,7 +342,7 @@ pub async fn list(
     filter: &ListFilter,
     after: Option<crate::tokens::PageCursor>,
     limit: i64,
-) -> Result<Vec<JobRow>> {
+) -> Result<Vec<JobRow<crate::convert::PbJson>>> {
     use diesel::sql_types::{Interval, Timestamptz};
     let mut sql = String::from(concat!("SELECT ", job_columns!(), " FROM jobs WHERE TRUE"));
     let mut n = 0;

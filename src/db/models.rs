@@ -10,16 +10,19 @@ use uuid::Uuid;
 use super::schema::{jobs, sql_types};
 use crate::domain::JobStatus;
 
-/// One row of `jobs`.
+/// One row of `jobs`. `J` is how its JSON columns are read: as `serde_json::Value` to work
+/// with them, or as [`crate::convert::PbJson`] when they only go out as protobuf (the jobs of
+/// a ListJobs page).
 #[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable)]
-#[diesel(table_name = jobs, check_for_backend(Pg))]
-pub struct JobRow {
+// No `check_for_backend`: its generated check cannot name the type parameter.
+#[diesel(table_name = jobs)]
+pub struct JobRow<J = serde_json::Value> {
     pub id: Uuid,
     pub user_id: Option<Uuid>,
     pub agent_identifier: String,
     pub status: JobStatus,
-    pub job_data: Option<serde_json::Value>,
-    pub result: Option<serde_json::Value>,
+    pub job_data: Option<J>,
+    pub result: Option<J>,
     pub error_message: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
