@@ -401,16 +401,6 @@ impl<'de> serde::de::Visitor<'de> for PbJsonVisitor {
     }
 }
 
-impl diesel::deserialize::FromSql<diesel::sql_types::Jsonb, diesel::pg::Pg> for PbJson {
-    fn from_sql(value: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
-        // jsonb's binary format: a version byte (1), then the document as text.
-        match value.as_bytes().split_first() {
-            Some((1, text)) => Ok(serde_json::from_slice(text)?),
-            _ => Err("unsupported jsonb binary format version".into()),
-        }
-    }
-}
-
 /// The JSON columns of a [`JobRow`] as protobuf values, however they were read.
 pub trait JsonColumn {
     fn into_value(self) -> Value;

@@ -55,3 +55,14 @@ impl FromSql<sql_types::JobStatus, Pg> for JobStatus {
         JobStatus::parse(s).ok_or_else(|| format!("unknown job_status {s:?}").into())
     }
 }
+
+// How a ListJobs page reads its JSON columns (see `crate::convert::PbJson`). jsonb's binary
+// format is a version byte (1), then the document as text.
+impl FromSql<diesel::sql_types::Jsonb, Pg> for crate::convert::PbJson {
+    fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
+        match value.as_bytes().split_first() {
+            Some((1, text)) => Ok(serde_json::from_slice(text)?),
+            _ => Err("unsupported jsonb binary format version".into()),
+        }
+    }
+}
