@@ -1,5 +1,5 @@
 //! Wiring for the binary: config to a running server, and the `token` command.
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -18,16 +18,24 @@ pub type AppError = Box<dyn std::error::Error + Send + Sync>;
 const SECRET_FILE: &str = "jwt_secret";
 const EMBEDDED_DB: &str = "jobsvc";
 
-pub fn init_tracing(format: LogFormat) {
+/// Logs to stderr through a writer thread (tracing-appender's non-blocking writer): a call
+/// never waits on a slow or stalled log reader, which would hold up a runtime worker and every
+/// call on it. If the reader falls 128,000 lines behind, new lines are dropped rather than
+/// calls held up. Colours only when stderr is a terminal. Keep the guard until exit: dropping
+/// it flushes what is buffered.
+pub fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    guard
 }
 
 /// The secret from config, else the one kept in the data directory (made on first use).
@@ -168,7 +176,7 @@ pub async fn import(args: crate::config::ImportArgs) -> Result<(), AppError> {
 
 /// `jobsvc serve`: database, migrations, server, until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
-    init_tracing(args.log_format);
+    let _log_writer = init_tracing(args.log_format);
     let mut embedded = None;
     let (database_url, secret) = match &args.database_url {
         Some(url) => {

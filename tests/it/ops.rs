@@ -489,3 +489,50 @@ async fn idle_pooled_connections_are_closed_and_reopened_on_demand() {
     assert_eq!(pool.status().size, 2);
     server.stop().await;
 }
+
+/// The log is written by a thread of its own: a log reader that stops reading (here, a pipe
+/// nobody reads, which fills at 64 KiB) holds up no call; lines are dropped instead. Written to
+/// a pipe, the log carries no terminal colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_holds_up_no_call() {
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    let addr = crate::harness::free_addr();
+    let mut child = crate::harness::jobsvc_binary(&url, addr, &[])
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running the jobsvc binary");
+    // Held open and not read until the calls are done.
+    let mut log = child.stderr.take().unwrap();
+    eventually(Duration::from_secs(30), "jobsvc listening", || async {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    let mut client =
+        crate::harness::client_on(crate::harness::lazy_channel(addr), &service_token());
+    // Each call logs a line of about 200 bytes: 2,000 calls fill the pipe several times over.
+    tokio::time::timeout(Duration::from_secs(120), async {
+        for _ in 0..2000 {
+            let missing = client
+                .get_job(pb::GetJobRequest {
+                    id: uuid::Uuid::new_v4().to_string(),
+                })
+                .await;
+            assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+        }
+    })
+    .await
+    .expect("2,000 calls answered within 120 s while nobody reads the log");
+
+    let mut head = vec![0; 16 * 1024];
+    log.read_exact(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.contains("method=\"GetJob\""), "{head}");
+    assert!(
+        !head.contains('\x1b'),
+        "colour codes in a piped log: {head}"
+    );
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+}
