@@ -1,7 +1,7 @@
 //! jobsvc-bench: load against jobsvc beside the same work done by pgbench, in one run.
 //!
-//! Starts a private PostgreSQL and an in-process jobsvc (nothing to set up), loads data when a
-//! scenario needs it, warms up, then drives N concurrent callers for a fixed time and reports
+//! Starts a private PostgreSQL and a jobsvc server in a process of its own (nothing to set up),
+//! loads data when a scenario needs it, warms up, then drives N concurrent callers for a fixed time and reports
 //! throughput and latency percentiles; for scenarios with a database equivalent it runs
 //! pgbench on the same database with the same concurrency and prints the ratio.
 //! `--json` prints one object per scenario per line.
@@ -21,7 +21,14 @@ use jobsvc::pb::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
-const SECRET: &str = "bench-secret-0123456789-0123456789-abcdef";
+/// The JWT secret of the server the bench starts (`--jwt-secret` when given).
+const DEFAULT_SECRET: &str = "bench-secret-0123456789-0123456789-abcdef";
+static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The secret the callers' tokens are signed with.
+fn secret() -> &'static str {
+    SECRET.get().map_or(DEFAULT_SECRET, String::as_str)
+}
 const SCENARIOS: &[&str] = &[
     "create",
     "create-idempotent",
@@ -66,12 +73,24 @@ struct Args {
     /// One JSON object per scenario per line instead of a table.
     #[arg(long)]
     json: bool,
-    /// Where the private PostgreSQL lives (wiped at start).
+    /// Where the private PostgreSQL and the server's log live (wiped at start).
     #[arg(long, default_value = "target/bench-pg")]
     data_dir: std::path::PathBuf,
     /// Server connection pool size.
     #[arg(long, default_value_t = 16)]
     pool_size: usize,
+    /// Use this PostgreSQL database instead of starting a private one. The bench migrates it,
+    /// loads jobs into it and runs pgbench on it: point it only at a database that may take
+    /// them. The fanout scenario needs `track_commit_timestamp = on` there.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Drive this running jobsvc (host:port) instead of starting one; needs --database-url
+    /// (its database) and --jwt-secret (its secret). --pool-size is then the server's own.
+    #[arg(long, requires_all = ["database_url", "jwt_secret"])]
+    server: Option<std::net::SocketAddr>,
+    /// The JWT secret to sign the callers' tokens with (and of the server the bench starts).
+    #[arg(long)]
+    jwt_secret: Option<String>,
     /// Disable the stats rollup triggers (to measure what they cost the write path; GetStats
     /// figures are then wrong).
     #[arg(long)]
@@ -90,9 +109,14 @@ const USER_SQL: &str = "('00000000-0000-0000-0000-' || lpad(:u::text, 12, '0')):
 
 struct Env {
     without_rollups: bool,
-    pg: EmbeddedPg,
+    /// The private PostgreSQL, unless `--database-url`.
+    pg: Option<EmbeddedPg>,
     url: String,
     addr: std::net::SocketAddr,
+    /// The server under test when the bench started it; killed when the bench ends.
+    server: Option<tokio::process::Child>,
+    /// `--data-dir`: the private PostgreSQL and the servers' logs.
+    data_dir: std::path::PathBuf,
     loaded_jobs: i64,
     /// The next free number for [`load_pending`].
     next_pending: u64,
@@ -109,9 +133,20 @@ struct Outcome {
     pgbench_p50_ms: Option<f64>,
 }
 
+/// The hidden first argument that makes this binary the server under test (see [`spawn_server`]).
+const SERVE: &str = "__serve";
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    if std::env::args().nth(1).as_deref() == Some(SERVE) {
+        // The same entry point and runtime as the `jobsvc` binary's `serve`.
+        let serve = ServeArgs::parse_args(std::env::args().skip(1))?;
+        return jobsvc::app::serve(serve).await;
+    }
     let args = Args::parse();
+    if let Some(s) = &args.jwt_secret {
+        let _ = SECRET.set(s.clone());
+    }
     // `all`, one name, or a comma-separated list (run in that order, in one set-up).
     let mut names: Vec<&str> = Vec::new();
     for name in args.scenario.split(',') {
@@ -168,8 +203,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             );
         }
     }
-    env.pg.stop().await;
+    if let Some(mut server) = env.server.take() {
+        let _ = server.kill().await;
+    }
+    if let Some(pg) = &env.pg {
+        pg.stop().await;
+    }
     Ok(())
+}
+
+/// Starts a jobsvc server on `url` in a process of its own, as it runs in production: its own
+/// runtime and threads, apart from the load generator's, and its call log written (to
+/// `server.log` in `log_dir`). The process is this binary, re-executed with [`SERVE`], so the
+/// bench never runs a stale or missing `jobsvc` binary. Returns once the server answers.
+pub(crate) async fn spawn_server(
+    url: &str,
+    pool_size: &str,
+    log_dir: &std::path::Path,
+) -> Result<(tokio::process::Child, std::net::SocketAddr), Box<dyn std::error::Error + Send + Sync>>
+{
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    std::fs::create_dir_all(log_dir)?;
+    let log = std::fs::File::create(log_dir.join("server.log"))?;
+    let child = tokio::process::Command::new(std::env::current_exe()?)
+        .args([SERVE, "--listen", &addr.to_string(), "--database-url", url])
+        .args(["--jwt-secret", secret(), "--pool-size", pool_size])
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if Instant::now() > deadline {
+            return Err("the server process did not start; see server.log".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((child, addr))
 }
 
 async fn start(
@@ -177,27 +251,57 @@ async fn start(
     commit_timestamps: bool,
 ) -> Result<Env, Box<dyn std::error::Error + Send + Sync>> {
     let _ = std::fs::remove_dir_all(&args.data_dir);
-    let pg = EmbeddedPg::init(
-        &args.data_dir,
-        PgOptions {
-            tcp_port: Some(0),
-            durable: true,
-            max_connections: 300,
-        },
-    )?;
-    pg.start().await?;
-    if commit_timestamps {
-        // Commit timestamps, for commit-to-subscriber latency.
-        let mut conn = jobsvc::db::connect(&pg.url("postgres")).await?;
-        diesel::sql_query("ALTER SYSTEM SET track_commit_timestamp = on")
-            .execute(&mut conn)
-            .await?;
-        drop(conn);
-        pg.stop().await;
-        pg.start().await?;
-    }
-    pg.ensure_database("bench").await?;
-    let url = pg.url("bench");
+    let (pg, url) = match &args.database_url {
+        Some(url) => {
+            if commit_timestamps {
+                let mut conn = jobsvc::db::connect(url).await?;
+                #[derive(diesel::QueryableByName)]
+                struct Setting {
+                    #[diesel(sql_type = diesel::sql_types::Text)]
+                    track_commit_timestamp: String,
+                }
+                let on: Vec<Setting> = diesel::sql_query("SHOW track_commit_timestamp")
+                    .load(&mut conn)
+                    .await?;
+                if on
+                    .as_slice()
+                    .first()
+                    .map(|s| s.track_commit_timestamp.as_str())
+                    != Some("on")
+                {
+                    return Err("fanout measures commit-to-subscriber latency from commit \
+                                timestamps: set track_commit_timestamp = on on that PostgreSQL \
+                                and restart it"
+                        .into());
+                }
+            }
+            (None, url.clone())
+        }
+        None => {
+            let pg = EmbeddedPg::init(
+                &args.data_dir,
+                PgOptions {
+                    tcp_port: Some(0),
+                    durable: true,
+                    max_connections: 300,
+                },
+            )?;
+            pg.start().await?;
+            if commit_timestamps {
+                // Commit timestamps, for commit-to-subscriber latency.
+                let mut conn = jobsvc::db::connect(&pg.url("postgres")).await?;
+                diesel::sql_query("ALTER SYSTEM SET track_commit_timestamp = on")
+                    .execute(&mut conn)
+                    .await?;
+                drop(conn);
+                pg.stop().await;
+                pg.start().await?;
+            }
+            pg.ensure_database("bench").await?;
+            let url = pg.url("bench");
+            (Some(pg), url)
+        }
+    };
     jobsvc::db::migrate(&url).await?;
     if args.without_rollups {
         let mut conn = jobsvc::db::connect(&url).await?;
@@ -205,31 +309,21 @@ async fn start(
             .execute(&mut conn)
             .await?;
     }
-    let serve = ServeArgs::parse_args([
-        "jobsvc",
-        "--database-url",
-        &url,
-        "--jwt-secret",
-        SECRET,
-        "--pool-size",
-        &args.pool_size.to_string(),
-    ])?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server_url = url.clone();
-    tokio::spawn(async move {
-        let never = std::future::pending::<()>();
-        if let Err(e) =
-            jobsvc::app::run_server(&serve, &server_url, SECRET.as_bytes(), listener, never).await
-        {
-            eprintln!("server failed: {e}");
+    let (server, addr) = match args.server {
+        Some(addr) => (None, addr),
+        None => {
+            let pool = args.pool_size.to_string();
+            let (child, addr) = spawn_server(&url, &pool, &args.data_dir).await?;
+            (Some(child), addr)
         }
-    });
+    };
     Ok(Env {
         without_rollups: args.without_rollups,
         pg,
         url,
         addr,
+        server,
+        data_dir: args.data_dir.clone(),
         loaded_jobs: 0,
         next_pending: 1,
     })
@@ -356,7 +450,7 @@ impl tonic::service::Interceptor for Auth {
 }
 
 async fn client(addr: std::net::SocketAddr, role: &str, sub: Option<Uuid>) -> Client {
-    let token = jobsvc::auth::issue(SECRET.as_bytes(), role, sub, Duration::from_secs(3600));
+    let token = jobsvc::auth::issue(secret().as_bytes(), role, sub, Duration::from_secs(3600));
     // One HTTP/2 connection per caller, as independent services would have.
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -486,20 +580,19 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
             "-n",
             "-M",
             "prepared",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-            "-p",
+            "-c",
+            &args.concurrency.to_string(),
+            "-j",
+            "2",
+            "-T",
         ])
-        .arg(env.pg.port().to_string())
-        .args(["-c", &args.concurrency.to_string(), "-j", "2", "-T"])
         .arg(args.duration.as_secs().max(1).to_string())
         .arg("-f")
         .arg(&file)
         .arg("-l")
         .arg(format!("--log-prefix={}", logs.join("pgbench").display()))
-        .arg("bench")
+        // A connection URI in place of the database name: libpq takes either.
+        .arg(&env.url)
         .output()
         .ok()?;
     // Each log line: client, transaction number, latency in microseconds, ...

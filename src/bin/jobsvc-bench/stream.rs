@@ -31,7 +31,9 @@ use jobsvc::pb::job_update::Event as U;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use super::{Args, Auth, Client, Env, SECRET, client, create_call, drive, lifecycle_call};
+use super::{
+    Args, Auth, Client, Env, client, create_call, drive, lifecycle_call, secret, spawn_server,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -210,7 +212,7 @@ impl Subscribers {
         request: impl Fn(usize) -> pb::StreamJobUpdatesRequest,
     ) -> Result<Self, BoxError> {
         let token = jobsvc::auth::issue(
-            SECRET.as_bytes(),
+            secret().as_bytes(),
             "service_role",
             None,
             Duration::from_secs(24 * 3600),
@@ -447,30 +449,8 @@ pub async fn memory(env: &Env) -> Result<(), BoxError> {
 
 /// The RSS of a separate, idle `jobsvc serve`, and its growth per idle stream.
 async fn memory_per_stream(env: &Env, n: usize) -> Result<(u64, f64), BoxError> {
-    let exe = std::env::current_exe()?
-        .parent()
-        .ok_or("no bench directory")?
-        .join("jobsvc");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut child = tokio::process::Command::new(&exe)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--database-url", &env.url, "--jwt-secret", SECRET])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    let (mut child, addr) = spawn_server(&env.url, "16", &env.data_dir.join("idle-server")).await?;
     let pid = child.id().ok_or("no pid")?;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if Instant::now() > deadline {
-            return Err("the server process did not start".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_bytes(pid)?;
     let subs = Subscribers::open(addr, n, |_| pb::StreamJobUpdatesRequest {
