@@ -86,7 +86,7 @@ struct Args {
     database_url: Option<String>,
     /// Drive this running jobsvc (host:port) instead of starting one; needs --database-url
     /// (its database) and --jwt-secret (its secret). --pool-size is then the server's own.
-    #[arg(long, requires_all = ["database_url", "jwt_secret"])]
+    #[arg(long, requires = "database_url", requires = "jwt_secret")]
     server: Option<std::net::SocketAddr>,
     /// The JWT secret to sign the callers' tokens with (and of the server the bench starts).
     #[arg(long)]
@@ -109,12 +109,13 @@ const USER_SQL: &str = "('00000000-0000-0000-0000-' || lpad(:u::text, 12, '0')):
 
 struct Env {
     without_rollups: bool,
+    /// The server under test when the bench started it; stopped when the bench ends. (Before
+    /// `pg`: on an error path the fields drop in order, and the server goes first.)
+    server: Option<tokio::process::Child>,
     /// The private PostgreSQL, unless `--database-url`.
     pg: Option<EmbeddedPg>,
     url: String,
     addr: std::net::SocketAddr,
-    /// The server under test when the bench started it; killed when the bench ends.
-    server: Option<tokio::process::Child>,
     /// `--data-dir`: the private PostgreSQL and the servers' logs.
     data_dir: std::path::PathBuf,
     loaded_jobs: i64,
@@ -140,7 +141,7 @@ const SERVE: &str = "__serve";
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if std::env::args().nth(1).as_deref() == Some(SERVE) {
         // The same entry point and runtime as the `jobsvc` binary's `serve`.
-        let serve = ServeArgs::parse_args(std::env::args().skip(1))?;
+        let serve = ServeArgs::parse_args(std::env::args().skip(1)).unwrap_or_else(|e| e.exit());
         return jobsvc::app::serve(serve).await;
     }
     let args = Args::parse();
@@ -203,8 +204,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             );
         }
     }
-    if let Some(mut server) = env.server.take() {
-        let _ = server.kill().await;
+    if let Some(server) = env.server.take() {
+        stop_server(server).await;
     }
     if let Some(pg) = &env.pg {
         pg.stop().await;
@@ -215,35 +216,71 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 /// Starts a jobsvc server on `url` in a process of its own, as it runs in production: its own
 /// runtime and threads, apart from the load generator's, and its call log written (to
 /// `server.log` in `log_dir`). The process is this binary, re-executed with [`SERVE`], so the
-/// bench never runs a stale or missing `jobsvc` binary. Returns once the server answers.
+/// bench never runs a stale or missing `jobsvc` binary. The database URL and the secret go in
+/// its environment, not on its command line, where any local user could read them. Returns
+/// once the server answers.
 pub(crate) async fn spawn_server(
     url: &str,
     pool_size: &str,
     log_dir: &std::path::Path,
 ) -> Result<(tokio::process::Child, std::net::SocketAddr), Box<dyn std::error::Error + Send + Sync>>
 {
+    // A port free a moment ago; the check below notices a server that could not take it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     std::fs::create_dir_all(log_dir)?;
-    let log = std::fs::File::create(log_dir.join("server.log"))?;
-    let child = tokio::process::Command::new(std::env::current_exe()?)
-        .args([SERVE, "--listen", &addr.to_string(), "--database-url", url])
-        .args(["--jwt-secret", secret(), "--pool-size", pool_size])
+    let log_path = log_dir.join("server.log");
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    // Only the settings given here: an operator's JOBSVC_* (metrics port, TLS) would break it.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("JOBSVC_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
+        .args([
+            SERVE,
+            "--listen",
+            &addr.to_string(),
+            "--pool-size",
+            pool_size,
+        ])
+        .env("DATABASE_URL", url)
+        .env("JWT_SECRET", secret())
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::null())
-        .stderr(log)
+        .stderr(std::fs::File::create(&log_path)?)
         .kill_on_drop(true)
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Some(status) = child.try_wait()? {
+            return Err(format!("the server exited ({status}); see {}", log_path.display()).into());
+        }
         if Instant::now() > deadline {
-            return Err("the server process did not start; see server.log".into());
+            return Err(format!("the server did not start; see {}", log_path.display()).into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok((child, addr))
+}
+
+/// Stops a server from [`spawn_server`] as an operator would (SIGTERM: it finishes its calls
+/// and flushes its log), and kills it if it has not exited within 10 s.
+pub(crate) async fn stop_server(mut child: tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.kill().await;
 }
 
 async fn start(
@@ -591,8 +628,9 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
         .arg(&file)
         .arg("-l")
         .arg(format!("--log-prefix={}", logs.join("pgbench").display()))
-        // A connection URI in place of the database name: libpq takes either.
-        .arg(&env.url)
+        // The database by URL, in the environment rather than on the command line (a password
+        // in it would show in `ps`); libpq takes a URI wherever it takes a database name.
+        .env("PGDATABASE", &env.url)
         .output()
         .ok()?;
     // Each log line: client, transaction number, latency in microseconds, ...

@@ -33,6 +33,7 @@ use tonic::transport::Channel;
 
 use super::{
     Args, Auth, Client, Env, client, create_call, drive, lifecycle_call, secret, spawn_server,
+    stop_server,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -449,7 +450,7 @@ pub async fn memory(env: &Env) -> Result<(), BoxError> {
 
 /// The RSS of a separate, idle `jobsvc serve`, and its growth per idle stream.
 async fn memory_per_stream(env: &Env, n: usize) -> Result<(u64, f64), BoxError> {
-    let (mut child, addr) = spawn_server(&env.url, "16", &env.data_dir.join("idle-server")).await?;
+    let (child, addr) = spawn_server(&env.url, "16", &env.data_dir.join("idle-server")).await?;
     let pid = child.id().ok_or("no pid")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_bytes(pid)?;
@@ -461,7 +462,7 @@ async fn memory_per_stream(env: &Env, n: usize) -> Result<(u64, f64), BoxError> 
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_bytes(pid)?;
     subs.close().await;
-    let _ = child.kill().await;
+    stop_server(child).await;
     Ok((before, (after.saturating_sub(before)) as f64 / n as f64))
 }
 
