@@ -5,6 +5,7 @@
 //! throughput and latency percentiles; for scenarios with a database equivalent it runs
 //! pgbench on the same database with the same concurrency and prints the ratio.
 //! `--json` prints one object per scenario per line.
+mod cpu;
 mod stream;
 
 use std::collections::HashMap;
@@ -132,6 +133,8 @@ struct Outcome {
     errors: u64,
     pgbench_tps: Option<f64>,
     pgbench_p50_ms: Option<f64>,
+    /// CPU per call by part, over the measured phase (µs).
+    cpu_us: Option<cpu::Split>,
 }
 
 /// The hidden first argument that makes this binary the server under test (see [`spawn_server`]).
@@ -181,11 +184,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         }
         let o = run_scenario(&args, &mut env, name).await?;
         let ratio = o.pgbench_tps.map(|t| o.rps / t);
+        let pgbench_cpu = cpu::LAST_PGBENCH.lock().unwrap().take();
         if args.json {
             let line = serde_json::json!({
                 "scenario": name, "concurrency": args.concurrency, "rps": o.rps,
                 "p50_ms": o.p50_ms, "p99_ms": o.p99_ms, "p999_ms": o.p999_ms, "errors": o.errors,
                 "pgbench_tps": o.pgbench_tps, "pgbench_p50_ms": o.pgbench_p50_ms, "ratio": ratio,
+                "cpu_us_per_call": o.cpu_us.map(cpu::Split::to_json),
+                "pgbench_cpu_us_per_call": pgbench_cpu.map(cpu::Split::to_json),
             });
             println!("{line}");
         } else {
@@ -351,6 +357,9 @@ async fn start(
         None => {
             let pool = args.pool_size.to_string();
             let (child, addr) = spawn_server(&url, &pool, &args.data_dir).await?;
+            if let Some(pid) = child.id() {
+                let _ = cpu::SERVER_PID.set(pid);
+            }
             (Some(child), addr)
         }
     };
@@ -552,6 +561,18 @@ where
     let start = Instant::now();
     let measure_from = start + args.warmup;
     let end = measure_from + args.duration;
+    let cpu = tokio::spawn(async move {
+        let me = std::process::id();
+        tokio::time::sleep_until(measure_from.into()).await;
+        let first = tokio::task::spawn_blocking(move || cpu::snapshot(me))
+            .await
+            .ok()?;
+        tokio::time::sleep_until(end.into()).await;
+        let last = tokio::task::spawn_blocking(move || cpu::snapshot(me))
+            .await
+            .ok()?;
+        Some(last.since(&first))
+    });
     let mut tasks = Vec::new();
     for worker in 0..args.concurrency {
         let make = make.clone();
@@ -592,7 +613,13 @@ where
             all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0
         }
     };
+    let cpu_us = cpu
+        .await
+        .ok()
+        .flatten()
+        .and_then(|split| split.per_call_us(all.len() as f64));
     Outcome {
+        cpu_us,
         rps: all.len() as f64 / args.duration.as_secs_f64(),
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
@@ -612,7 +639,7 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
     let logs = std::env::temp_dir().join(format!("jobsvc-bench-{}-log", std::process::id()));
     let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs).ok()?;
-    let out = Command::new(bin)
+    let child = Command::new(bin)
         .args([
             "-n",
             "-M",
@@ -631,8 +658,21 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
         // The database by URL, in the environment rather than on the command line (a password
         // in it would show in `ps`); libpq takes a URI wherever it takes a database name.
         .env("PGDATABASE", &env.url)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
         .ok()?;
+    // CPU by part, from half a second in (its connections made) to half a second before its
+    // end (before they close): pgbench's run is `-T` seconds from its start.
+    let window = args.duration.as_secs().max(1) as f64 - 1.0;
+    let mut cpu_seconds = None;
+    if window >= 1.0 {
+        std::thread::sleep(Duration::from_millis(500));
+        let first = cpu::snapshot(child.id());
+        std::thread::sleep(Duration::from_secs_f64(window));
+        cpu_seconds = Some(cpu::snapshot(child.id()).since(&first));
+    }
+    let out = child.wait_with_output().ok()?;
     // Each log line: client, transaction number, latency in microseconds, ...
     let mut latencies: Vec<u64> = Vec::new();
     for entry in std::fs::read_dir(&logs).ok()?.flatten() {
@@ -656,6 +696,8 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
         })
     };
     let tps = grab("tps")?;
+    *cpu::LAST_PGBENCH.lock().unwrap() =
+        cpu_seconds.and_then(|split| split.per_call_us(tps * window));
     let lat = median.or_else(|| grab("latency average")).unwrap_or(0.0);
     Some((tps, lat))
 }
