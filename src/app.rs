@@ -26,7 +26,8 @@ const LOG_BUFFER_LINES: usize = 16_384;
 /// Logs to stderr through a writer thread (tracing-appender's non-blocking writer): a call
 /// never waits on a slow or stalled log reader, which would hold up a runtime worker and every
 /// call on it. If the reader falls [`LOG_BUFFER_LINES`] behind, new lines are dropped rather
-/// than calls held up. Colours only when stderr is a terminal. Keep the guard until exit:
+/// than calls held up, and counted (`jobsvc_log_lines_dropped_total`). Colours only when
+/// stderr is a terminal. Keep the guard until exit:
 /// dropping it flushes what is buffered (waiting for the writer up to about a second).
 pub fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -34,6 +35,7 @@ pub fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::Worker
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .finish(std::io::stderr());
+    let _ = crate::metrics::LOG_LINES_DROPPED.set(writer.error_counter());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -57,7 +57,14 @@ pub struct Metrics {
     pub database_up: Gauge,
     pub create_batch_rows: Histogram,
     pub update_batch_rows: Histogram,
+    /// Synced from [`LOG_LINES_DROPPED`] at each scrape.
+    log_lines_dropped: Counter,
 }
+
+/// The log writer's count of lines it dropped because the log reader fell behind (set by
+/// `app::init_tracing`). One per process: every server in the process reports it.
+pub static LOG_LINES_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -166,7 +173,14 @@ impl Metrics {
             "UpdateStatus and CancelJob moves written per statement (natural batching)",
             update_batch_rows.clone(),
         );
+        let log_lines_dropped = Counter::default();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log reader fell behind (the writer's buffer was full)",
+            log_lines_dropped.clone(),
+        );
         Metrics {
+            log_lines_dropped,
             registry,
             requests,
             responses,
@@ -218,6 +232,12 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
+        if let Some(dropped) = LOG_LINES_DROPPED.get() {
+            self.log_lines_dropped.inner().store(
+                dropped.dropped_lines() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");

@@ -491,40 +491,62 @@ async fn idle_pooled_connections_are_closed_and_reopened_on_demand() {
 }
 
 /// The log is written by a thread of its own: a log reader that stops reading (here, a pipe
-/// nobody reads, which fills at 64 KiB) holds up no call. (2,000 lines stay within the
-/// writer's buffer; past it, lines are dropped, which this test does not reach.) Written to a
-/// pipe, the log carries no terminal colour codes.
+/// nobody reads, which fills at 64 KiB) holds up no call. Past the writer's buffer of 16,384
+/// lines, lines are dropped and counted in the metrics. Written to a pipe, the log carries no
+/// terminal colour codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_log_reader_holds_up_no_call() {
     let pg = shared_pg().await;
     let url = fresh_database(&pg).await;
     let addr = crate::harness::free_addr();
-    let mut child = crate::harness::jobsvc_binary(&url, addr, &[])
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("running the jobsvc binary");
+    let metrics = crate::harness::free_addr();
+    let mut child =
+        crate::harness::jobsvc_binary(&url, addr, &["--metrics-listen", &metrics.to_string()])
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("running the jobsvc binary");
     // Held open and not read until the calls are done.
     let mut log = child.stderr.take().unwrap();
     eventually(Duration::from_secs(30), "jobsvc listening", || async {
         tokio::net::TcpStream::connect(addr).await.is_ok()
     })
     .await;
-    let mut client =
-        crate::harness::client_on(crate::harness::lazy_channel(addr), &service_token());
-    // Each call logs a line of about 200 bytes: 2,000 calls fill the pipe several times over.
-    tokio::time::timeout(Duration::from_secs(120), async {
-        for _ in 0..2000 {
-            let missing = client
-                .get_job(pb::GetJobRequest {
-                    id: uuid::Uuid::new_v4().to_string(),
-                })
-                .await;
-            assert_eq!(missing.unwrap_err().code(), Code::NotFound);
-        }
-    })
+    let client = crate::harness::client_on(crate::harness::lazy_channel(addr), &service_token());
+    // Each call logs a line: 20,000 calls overflow the pipe and then the writer's buffer.
+    const CALLERS: usize = 8;
+    const CALLS: usize = 20_000;
+    let callers = (0..CALLERS).map(|_| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            for _ in 0..CALLS / CALLERS {
+                let missing = client
+                    .get_job(pb::GetJobRequest {
+                        id: uuid::Uuid::new_v4().to_string(),
+                    })
+                    .await;
+                assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+            }
+        })
+    });
+    tokio::time::timeout(
+        Duration::from_secs(240),
+        futures_util::future::try_join_all(callers),
+    )
     .await
-    .expect("2,000 calls answered within 120 s while nobody reads the log");
+    .expect("20,000 calls answered within 240 s while nobody reads the log")
+    .unwrap();
+    // At most 16,384 lines wait in the buffer and a few hundred in the pipe; the rest were
+    // dropped, and counted.
+    let dropped = sample(
+        &scrape(metrics.port()).await,
+        "jobsvc_log_lines_dropped_total",
+    )
+    .expect("the dropped-lines counter is exported");
+    assert!(
+        dropped >= 2_500.0,
+        "{dropped} lines counted as dropped of 20,000"
+    );
 
     let mut head = vec![0; 16 * 1024];
     tokio::time::timeout(Duration::from_secs(30), log.read_exact(&mut head))
