@@ -27,8 +27,8 @@ const LOG_BUFFER_LINES: usize = 16_384;
 /// never waits on a slow or stalled log reader, which would hold up a runtime worker and every
 /// call on it. If the reader falls [`LOG_BUFFER_LINES`] behind, new lines are dropped rather
 /// than calls held up, and counted (`jobsvc_log_lines_dropped_total`). Colours only when
-/// stderr is a terminal. Keep the guard until exit:
-/// dropping it flushes what is buffered (waiting for the writer up to about a second).
+/// stderr is a terminal. Keep the guard until exit: dropping it flushes what is buffered
+/// (waiting for the writer up to about a second).
 pub fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -3,13 +3,10 @@
 //! far apart jobsvc and pgbench are; this says where the difference goes. Linux only. A part
 //! not on this machine (a server given by `--server`, a remote database) reads as absent or 0.
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// The pid of the server under test, when the bench started it.
 pub static SERVER_PID: OnceLock<u32> = OnceLock::new();
-
-/// The split of pgbench's last run, taken by the scenario that ran it.
-pub static LAST_PGBENCH: Mutex<Option<Split>> = Mutex::new(None);
 
 /// Linux gives CPU times in USER_HZ, which is 100 on every architecture it supports.
 const TICKS_PER_SECOND: f64 = 100.0;

@@ -1,8 +1,8 @@
 //! jobsvc-bench: load against jobsvc beside the same work done by pgbench, in one run.
 //!
 //! Starts a private PostgreSQL and a jobsvc server in a process of its own (nothing to set up),
-//! loads data when a scenario needs it, warms up, then drives N concurrent callers for a fixed time and reports
-//! throughput and latency percentiles; for scenarios with a database equivalent it runs
+//! loads data when a scenario needs it, warms up, then drives N concurrent callers for a fixed
+//! time and reports throughput and latency percentiles; for scenarios with a database equivalent it runs
 //! pgbench on the same database with the same concurrency and prints the ratio.
 //! `--json` prints one object per scenario per line.
 mod cpu;
@@ -131,9 +131,18 @@ struct Outcome {
     p99_ms: f64,
     p999_ms: f64,
     errors: u64,
-    pgbench_tps: Option<f64>,
-    pgbench_p50_ms: Option<f64>,
+    /// The same work by pgbench, for scenarios that have a database twin.
+    pgbench: Option<Pgbench>,
     /// CPU per call by part, over the measured phase (µs).
+    cpu_us: Option<cpu::Split>,
+}
+
+/// One pgbench run.
+struct Pgbench {
+    tps: f64,
+    /// Median latency (ms).
+    p50_ms: f64,
+    /// CPU per transaction by part (µs).
     cpu_us: Option<cpu::Split>,
 }
 
@@ -183,15 +192,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             continue;
         }
         let o = run_scenario(&args, &mut env, name).await?;
-        let ratio = o.pgbench_tps.map(|t| o.rps / t);
-        let pgbench_cpu = cpu::LAST_PGBENCH.lock().unwrap().take();
+        let pgbench_tps = o.pgbench.as_ref().map(|p| p.tps);
+        let pgbench_p50_ms = o.pgbench.as_ref().map(|p| p.p50_ms);
+        let ratio = pgbench_tps.map(|t| o.rps / t);
         if args.json {
             let line = serde_json::json!({
                 "scenario": name, "concurrency": args.concurrency, "rps": o.rps,
                 "p50_ms": o.p50_ms, "p99_ms": o.p99_ms, "p999_ms": o.p999_ms, "errors": o.errors,
-                "pgbench_tps": o.pgbench_tps, "pgbench_p50_ms": o.pgbench_p50_ms, "ratio": ratio,
+                "pgbench_tps": pgbench_tps, "pgbench_p50_ms": pgbench_p50_ms, "ratio": ratio,
                 "cpu_us_per_call": o.cpu_us.map(cpu::Split::to_json),
-                "pgbench_cpu_us_per_call": pgbench_cpu.map(cpu::Split::to_json),
+                "pgbench_cpu_us_per_call": o.pgbench.and_then(|p| p.cpu_us).map(cpu::Split::to_json),
             });
             println!("{line}");
         } else {
@@ -204,8 +214,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 o.p50_ms,
                 o.p99_ms,
                 o.p999_ms,
-                opt(o.pgbench_tps, 0),
-                opt(o.pgbench_p50_ms, 2),
+                opt(pgbench_tps, 0),
+                opt(pgbench_p50_ms, 2),
                 opt(ratio, 2)
             );
         }
@@ -629,9 +639,9 @@ where
     }
 }
 
-/// Runs pgbench with `script` on the bench database: (tps, median latency ms). The median
-/// comes from pgbench's per-transaction log (its summary has only the mean).
-fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
+/// Runs pgbench with `script` on the bench database. The median latency comes from pgbench's
+/// per-transaction log (its summary has only the mean).
+fn pgbench(env: &Env, args: &Args, script: &str) -> Option<Pgbench> {
     let bin = EmbeddedPg::find_bin_dir().ok()?.join("pgbench");
     eprintln!("pgbench: measuring {:?}", args.duration);
     let file = std::env::temp_dir().join(format!("jobsvc-bench-{}.sql", std::process::id()));
@@ -696,10 +706,11 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<(f64, f64)> {
         })
     };
     let tps = grab("tps")?;
-    *cpu::LAST_PGBENCH.lock().unwrap() =
-        cpu_seconds.and_then(|split| split.per_call_us(tps * window));
-    let lat = median.or_else(|| grab("latency average")).unwrap_or(0.0);
-    Some((tps, lat))
+    Some(Pgbench {
+        tps,
+        p50_ms: median.or_else(|| grab("latency average")).unwrap_or(0.0),
+        cpu_us: cpu_seconds.and_then(|split| split.per_call_us(tps * window)),
+    })
 }
 
 async fn run_scenario(
@@ -728,9 +739,7 @@ async fn run_scenario(
                 create_call(c[w].clone(), "bench".into(), String::new())
             })
             .await;
-            let (tps, lat) = pgbench(env, args, PGBENCH_INSERT).unzip();
-            outcome.pgbench_tps = tps;
-            outcome.pgbench_p50_ms = lat;
+            outcome.pgbench = pgbench(env, args, PGBENCH_INSERT);
         }
         "create-idempotent" => {
             let c = clients.clone();
@@ -746,9 +755,7 @@ async fn run_scenario(
                     "\"}', 'p' || :client_id || '-' || :r) ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING RETURNING *;",
                 );
             let script = format!("\\set r random(1, 1000000000000)\n{script}");
-            let (tps, lat) = pgbench(env, args, &script).unzip();
-            outcome.pgbench_tps = tps;
-            outcome.pgbench_p50_ms = lat;
+            outcome.pgbench = pgbench(env, args, &script);
         }
         "update" => {
             // Enough pending jobs for every caller's two moves per job, then as many again for
@@ -762,9 +769,7 @@ async fn run_scenario(
             })
             .await;
             let script = pgbench_update(first + per_run, first + 2 * per_run - 1);
-            let (tps, lat) = pgbench(env, args, &script).unzip();
-            outcome.pgbench_tps = tps;
-            outcome.pgbench_p50_ms = lat;
+            outcome.pgbench = pgbench(env, args, &script);
         }
         "mixed" => {
             load(env, args.jobs).await?;
@@ -807,9 +812,7 @@ async fn run_scenario(
                 first + per_run,
                 first + 2 * per_run - 1
             );
-            let (tps, lat) = pgbench(env, args, &script).unzip();
-            outcome.pgbench_tps = tps;
-            outcome.pgbench_p50_ms = lat;
+            outcome.pgbench = pgbench(env, args, &script);
         }
         "lifecycle" => {
             let c = clients.clone();
@@ -818,9 +821,7 @@ async fn run_scenario(
             let script = "INSERT INTO jobs (agent_identifier, job_data) VALUES ('bench', '{}') RETURNING id \\gset\n\
                  UPDATE jobs SET status = 'running', started_at = now() WHERE id = :id AND status = 'pending' RETURNING *;\n\
                  UPDATE jobs SET status = 'completed', completed_at = now() WHERE id = :id AND status = 'running' RETURNING *;\n";
-            let (tps, lat) = pgbench(env, args, script).unzip();
-            outcome.pgbench_tps = tps;
-            outcome.pgbench_p50_ms = lat;
+            outcome.pgbench = pgbench(env, args, script);
         }
         "get" | "get-rls" => {
             // One job per caller, owned by that caller's user.
@@ -848,9 +849,7 @@ async fn run_scenario(
             })
             .await;
             let script = format!("SELECT * FROM jobs WHERE id = '{}';\n", ids[0]);
-            let (tps, lat) = pgbench(env, args, &script).unzip();
-            outcome.pgbench_tps = tps;
-            outcome.pgbench_p50_ms = lat;
+            outcome.pgbench = pgbench(env, args, &script);
         }
         "list-first" | "list-deep" => {
             load(env, args.jobs).await?;
@@ -897,9 +896,7 @@ async fn run_scenario(
                 "\\set u random(1, 1000)\n\
                  SELECT * FROM jobs WHERE user_id = {USER_SQL} {keyset}ORDER BY created_at DESC, id DESC LIMIT 51;\n"
             );
-            let (tps, lat) = pgbench(env, args, &script).unzip();
-            outcome.pgbench_tps = tps;
-            outcome.pgbench_p50_ms = lat;
+            outcome.pgbench = pgbench(env, args, &script);
         }
         "stats" | "stats-user" => {
             load(env, args.jobs).await?;
@@ -916,9 +913,7 @@ async fn run_scenario(
             } else {
                 format!("\\set u random(1, 1000)\nSELECT get_job_stats({USER_SQL});\n")
             };
-            let (tps, lat) = pgbench(env, args, &script).unzip();
-            outcome.pgbench_tps = tps;
-            outcome.pgbench_p50_ms = lat;
+            outcome.pgbench = pgbench(env, args, &script);
         }
         _ => unreachable!(),
     }
