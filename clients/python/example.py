@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A jobsvc client in Python: the whole life of a job, from the creator's and the agent's side.
 
-    pip install -r clients/python/requirements.txt
-    JOBSVC_ADDR=127.0.0.1:50051 JOBSVC_TOKEN=<service_role JWT> python3 clients/python/example.py
+    scripts/setup-clients   # a venv with requirements.txt in target/clients-venv
+    export JOBSVC_ADDR=127.0.0.1:50051 JOBSVC_TOKEN=<service_role JWT>
+    target/clients-venv/bin/python clients/python/example.py
 
 JOBSVC_TOKEN is what `jobsvc token --role service_role` prints (or the `export TOKEN=...` line
 the server prints at start). Every answer is checked: any surprise ends the program with exit

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the Python stubs in jobs/v1/ from ../../proto with grpcio-tools (pinned in
-# requirements.txt: `pip install -r requirements.txt`). The generated files are committed and
-# never edited by hand; scripts/check-proto fails when they are not what this script makes.
+# requirements.txt), run by the Python in target/clients-venv (scripts/test-deps makes it), or
+# by $PYTHON when set. The generated files are committed and never edited by hand;
+# scripts/check-proto fails when they are not what this script makes.
 #
 #   clients/python/generate.sh            # write jobs/v1/*
 #   clients/python/generate.sh OUT_DIR    # write into OUT_DIR instead (used by the check)
@@ -9,7 +10,11 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 proto=$(cd "$here/../../proto" && pwd)
 out=${1:-$here}
-python=${PYTHON:-python3}
+python=${PYTHON:-$(cd "$here/../.." && pwd)/target/clients-venv/bin/python}
+if ! "$python" -c 'import grpc_tools.protoc' >/dev/null 2>&1; then
+  echo "generate.sh: $python cannot import grpc_tools (grpcio-tools): run scripts/test-deps" >&2
+  exit 1
+fi
 
 rm -rf "$out/jobs"
 mkdir -p "$out"

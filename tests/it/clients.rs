@@ -1,17 +1,28 @@
 //! The product from outside Rust: the Python and Node.js example programs and the README's
 //! grpcurl walk-through, run against a live server. Each exits non-zero on any wrong answer.
-//! Their packages come from `scripts/setup-clients` (`.ci/run` calls it).
-use std::path::Path;
+//! Their packages (the venv in `target/clients-venv`, node_modules) come from
+//! `scripts/test-deps`, which `deps::ensure` runs first.
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::deps;
 use crate::harness::{TestServer, service_token};
 
+/// Runs `program` (a path in this repository when it has a `/`) from the repository root, with
+/// the venv's bin directory (python, grpcurl) first on PATH.
 async fn run(program: &str, args: &[&str]) {
+    deps::ensure();
     let server = TestServer::start().await;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let child = tokio::process::Command::new(program)
+    let exe = if program.contains('/') {
+        root.join(program)
+    } else {
+        PathBuf::from(program)
+    };
+    let child = tokio::process::Command::new(&exe)
         .args(args)
         .current_dir(root)
+        .env("PATH", deps::path_with_venv())
         .env("JOBSVC_ADDR", server.addr.to_string())
         .env("JOBSVC_TOKEN", service_token())
         .kill_on_drop(true)
@@ -20,11 +31,11 @@ async fn run(program: &str, args: &[&str]) {
         .await
         .unwrap_or_else(|_| panic!("{program} {args:?} did not finish within 120 s"))
         .unwrap_or_else(|e| {
-            panic!("cannot run {program}: {e} (run scripts/setup-clients, see README)")
+            panic!("cannot run {program}: {e} (scripts/test-deps sets the clients up, see README)")
         });
     assert!(
         out.status.success(),
-        "{program} {args:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}\n(missing packages? run scripts/setup-clients)",
+        "{program} {args:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}\n(missing packages? run scripts/test-deps)",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
@@ -34,7 +45,11 @@ async fn run(program: &str, args: &[&str]) {
 
 #[tokio::test]
 async fn the_python_example_runs_green() {
-    run("python3", &["clients/python/example.py"]).await;
+    run(
+        "target/clients-venv/bin/python",
+        &["clients/python/example.py"],
+    )
+    .await;
 }
 
 #[tokio::test]

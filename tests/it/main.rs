@@ -4,6 +4,7 @@ mod auth;
 mod bad_input;
 mod batching;
 mod clients;
+mod deps;
 mod faults;
 mod foundation;
 mod h2raw;
