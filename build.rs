@@ -16,8 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
-        // Decode failures become INVALID_ARGUMENT with an ErrorInfo (src/codec.rs).
-        .codec_path("crate::codec::JobsCodec")
+        // Decode failures become INVALID_ARGUMENT with an ErrorInfo (src/api/codec.rs).
+        .codec_path("crate::api::codec::JobsCodec")
         .file_descriptor_set_path(out_dir.join("jobs_descriptor.bin"))
         .compile_protos(
             &[PathBuf::from("proto/jobs/v1/jobs.proto")],

@@ -1,17 +1,11 @@
-//! One error type for the whole service and its one mapping to `tonic::Status`.
+//! One error type for the whole service, with its stable reasons, and the one place that reads
+//! database errors (which of them mean "unavailable"). Its one mapping to a gRPC status is in
+//! `crate::api::status`.
 //!
-//! Every status carries a `google.rpc.ErrorInfo` (domain `jobsvc`, a stable reason) so programs
-//! in any language can branch on it. Database and internal details are logged here, with the
-//! call's request id, and never sent to the client.
-use std::collections::HashMap;
-
-use tonic::Code;
-use tonic_types::{ErrorDetails, StatusExt};
+//! May import: [`crate::domain`].
 use uuid::Uuid;
 
 use crate::domain::JobStatus;
-
-pub const DOMAIN: &str = "jobsvc";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -115,61 +109,6 @@ impl Error {
             Error::Unavailable(_) => "DATABASE_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
         }
-    }
-
-    pub fn code(&self) -> Code {
-        match self {
-            Error::InvalidArgument { .. } => Code::InvalidArgument,
-            Error::Unauthenticated { .. } => Code::Unauthenticated,
-            Error::PermissionDenied { .. } => Code::PermissionDenied,
-            Error::JobNotFound(_) => Code::NotFound,
-            Error::InvalidTransition { .. } => Code::FailedPrecondition,
-            Error::VersionMismatch { .. } => Code::Aborted,
-            Error::IdempotencyKeyReused { .. } => Code::AlreadyExists,
-            Error::ResourceExhausted { .. } => Code::ResourceExhausted,
-            Error::OutOfRange { .. } => Code::OutOfRange,
-            Error::ShuttingDown => Code::Unavailable,
-            Error::Conflict => Code::Aborted,
-            Error::Unavailable(_) => Code::Unavailable,
-            Error::Internal(_) => Code::Internal,
-        }
-    }
-
-    /// The status sent to the client. Internal details stay in the log, tied to `request_id`.
-    pub fn into_status(self, request_id: &str) -> tonic::Status {
-        let code = self.code();
-        let reason = self.reason();
-        let mut metadata = HashMap::new();
-        let message = match &self {
-            Error::Unavailable(source) => {
-                tracing::warn!(error = %source, "database unavailable");
-                format!("database unavailable, retry with backoff (request id {request_id})")
-            }
-            Error::Internal(source) => {
-                tracing::error!(error = %source, "internal error");
-                format!("internal error (request id {request_id})")
-            }
-            Error::InvalidTransition { current, requested } => {
-                metadata.insert("current_status".into(), current.as_str().into());
-                metadata.insert("requested_status".into(), requested.as_str().into());
-                self.to_string()
-            }
-            Error::VersionMismatch { expected, actual } => {
-                metadata.insert("expected_version".into(), expected.to_string());
-                metadata.insert("actual_version".into(), actual.to_string());
-                self.to_string()
-            }
-            Error::InvalidArgument { field, .. } => {
-                metadata.insert("field".into(), (*field).into());
-                self.to_string()
-            }
-            _ => self.to_string(),
-        };
-        let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
-        if let Error::InvalidArgument { field, message, .. } = &self {
-            details.add_bad_request_violation(*field, message.clone());
-        }
-        tonic::Status::with_error_details(code, message, details)
     }
 }
 

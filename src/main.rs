@@ -1,5 +1,5 @@
 use clap::Parser;
-use jobsvc::config::{Cli, Command, ServeArgs};
+use jobsvc::app::config::{Cli, Command, ServeArgs};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

@@ -1,11 +1,9 @@
 //! Prometheus metrics: one registry per server (no process-global recorder, so several
-//! servers in one process, as in the tests, each count only their own traffic), served as
-//! text on a separate port when `--metrics-listen` is set.
+//! servers in one process, as in the tests, each count only their own traffic). The endpoint
+//! that serves them is `crate::app::metrics_http`.
 //!
-//! The endpoint is a few lines of hyper (already in the tree through tonic) rather than a web
-//! framework: it answers every GET with the text exposition format.
-use std::net::SocketAddr;
-use std::sync::Arc;
+//! May import: nothing of ours.
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -15,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use tracing_appender::non_blocking::ErrorCounter;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
@@ -57,14 +55,11 @@ pub struct Metrics {
     pub database_up: Gauge,
     pub create_batch_rows: Histogram,
     pub update_batch_rows: Histogram,
-    /// Synced from [`LOG_LINES_DROPPED`] at each scrape.
+    /// Synced from the log writer's own count ([`Metrics::count_dropped_log_lines`]) at each
+    /// scrape.
     log_lines_dropped: Counter,
+    log_writer: OnceLock<ErrorCounter>,
 }
-
-/// The log writer's count of lines it dropped because the log reader fell behind (set by
-/// `app::init_tracing`). One per process: every server in the process reports it.
-pub static LOG_LINES_DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
-    std::sync::OnceLock::new();
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -181,6 +176,7 @@ impl Metrics {
         );
         Metrics {
             log_lines_dropped,
+            log_writer: OnceLock::new(),
             registry,
             requests,
             responses,
@@ -230,9 +226,14 @@ impl Metrics {
         }
     }
 
+    /// Reports the lines that the log writer `serve` set up dropped (its handle's count).
+    pub fn count_dropped_log_lines(&self, writer: ErrorCounter) {
+        let _ = self.log_writer.set(writer);
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
-        if let Some(dropped) = LOG_LINES_DROPPED.get() {
+        if let Some(dropped) = self.log_writer.get() {
             self.log_lines_dropped.inner().store(
                 dropped.dropped_lines() as u64,
                 std::sync::atomic::Ordering::Relaxed,
@@ -259,65 +260,4 @@ impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-
-/// Concurrent connections to the metrics endpoint.
-const MAX_CONNECTIONS: usize = 16;
-
-/// Serves the metrics as text on `listener` until `shutdown` flips.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    use hyper::service::service_fn;
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    // A scrape is one small request: few connections, and none may linger.
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let metrics = metrics.clone();
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                let body = metrics.render();
-                async move {
-                    http::Response::builder()
-                        .header(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )
-                        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = tokio::time::timeout(Duration::from_secs(30), conn) => {}
-                _ = stop.changed() => {}
-            }
-        });
-    }
-}
-
-/// Binds the metrics port (so a bad address fails at start, not later).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }

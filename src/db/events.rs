@@ -7,33 +7,8 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::PreparedExt;
-use super::models::JobRow;
-use crate::domain::JobStatus;
+use crate::domain::{Job, JobStatus, Position, Snapshot, WatchFilter};
 use crate::error::{Error, Result};
-
-/// A point in the feed order: every event at or below it has been handled.
-/// `(xid, 0)` means "everything below transaction `xid`" (sequence numbers start at 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct Position {
-    pub xid: i64,
-    pub seq: i64,
-}
-
-impl Position {
-    /// Beyond every event (reads after it return only the horizon).
-    pub const MAX: Position = Position {
-        xid: i64::MAX,
-        seq: i64::MAX,
-    };
-
-    /// Everything below `horizon` (an xid no running transaction is below).
-    pub fn below(horizon: i64) -> Self {
-        Position {
-            xid: horizon,
-            seq: 0,
-        }
-    }
-}
 
 /// One event: a job as it was just after one committed change.
 #[derive(Debug, Clone)]
@@ -42,7 +17,7 @@ pub struct EventRow {
     pub seq: i64,
     /// The id of the transaction that made the change.
     pub writer_xid: i64,
-    pub job: JobRow,
+    pub job: Job,
 }
 
 impl EventRow {
@@ -130,7 +105,7 @@ impl ReadRow {
             feed_xid: self.feed_xid?,
             seq: self.seq?,
             writer_xid: self.writer_xid.unwrap_or(self.feed_xid?),
-            job: JobRow {
+            job: Job {
                 id: self.id?,
                 user_id: self.user_id,
                 agent_identifier: self.agent_identifier?,
@@ -218,43 +193,6 @@ pub async fn read(
     })
 }
 
-/// The transaction's snapshot (`pg_current_snapshot()`), for skipping events that the
-/// snapshot of existing jobs already reflects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    pub xmin: i64,
-    pub xmax: i64,
-    pub in_progress: Vec<i64>,
-}
-
-impl Snapshot {
-    /// Parses the text form `xmin:xmax:xip,xip,...`.
-    pub fn parse(text: &str) -> Option<Snapshot> {
-        let mut parts = text.splitn(3, ':');
-        let xmin = parts.next()?.parse().ok()?;
-        let xmax = parts.next()?.parse().ok()?;
-        let in_progress = match parts.next()? {
-            "" => Vec::new(),
-            list => list
-                .split(',')
-                .map(|x| x.parse().ok())
-                .collect::<Option<Vec<i64>>>()?,
-        };
-        Some(Snapshot {
-            xmin,
-            xmax,
-            in_progress,
-        })
-    }
-
-    /// Whether the changes of transaction `xid` are visible in this snapshot (it committed
-    /// before the snapshot was taken), as `pg_visible_in_snapshot` answers for a committed
-    /// transaction.
-    pub fn sees(&self, xid: i64) -> bool {
-        xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))
-    }
-}
-
 #[derive(diesel::QueryableByName)]
 struct SnapshotText {
     #[diesel(sql_type = Text)]
@@ -288,22 +226,13 @@ pub async fn snapshot(conn: &mut AsyncPgConnection) -> Result<(Snapshot, Positio
     ))
 }
 
-/// The filter of a stream, as far as SQL applies it to the existing jobs.
-#[derive(Debug, Clone, Default)]
-pub struct JobsFilter {
-    pub job_ids: Vec<Uuid>,
-    pub statuses: Vec<JobStatus>,
-    pub agent_identifier: Option<String>,
-    pub user: Option<Uuid>,
-}
-
 /// A page of the jobs matching `filter`, in id order, after `after`.
 pub async fn existing_jobs(
     conn: &mut AsyncPgConnection,
-    filter: &JobsFilter,
+    filter: &WatchFilter,
     after: Option<Uuid>,
     limit: i64,
-) -> Result<Vec<JobRow>> {
+) -> Result<Vec<Job>> {
     let mut sql = String::from("SELECT * FROM jobs WHERE TRUE");
     let mut n = 0;
     let mut next = || {
@@ -328,7 +257,9 @@ pub async fn existing_jobs(
     sql += &format!(" ORDER BY id LIMIT ${}", next());
     let mut query = diesel::sql_query(sql).into_boxed::<diesel::pg::Pg>();
     if !filter.job_ids.is_empty() {
-        query = query.bind::<Array<diesel::sql_types::Uuid>, _>(filter.job_ids.clone());
+        query = query.bind::<Array<diesel::sql_types::Uuid>, _>(
+            filter.job_ids.iter().copied().collect::<Vec<_>>(),
+        );
     }
     if !filter.statuses.is_empty() {
         let labels: Vec<&'static str> = filter.statuses.iter().map(|s| s.as_str()).collect();
@@ -412,23 +343,4 @@ pub async fn history(
     .bind::<BigInt, _>(limit)
     .prepared().load(&mut conn)
     .await?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn snapshots_parse_and_answer_visibility() {
-        let s = Snapshot::parse("100:105:101,103").unwrap();
-        assert_eq!(s.in_progress, vec![101, 103]);
-        assert!(s.sees(99));
-        assert!(s.sees(100) && s.sees(102) && s.sees(104));
-        assert!(!s.sees(101) && !s.sees(103));
-        assert!(!s.sees(105) && !s.sees(200));
-        let empty = Snapshot::parse("7:7:").unwrap();
-        assert!(empty.sees(6) && !empty.sees(7));
-        assert!(Snapshot::parse("x:1:").is_none());
-        assert!(Snapshot::parse("1:2").is_none());
-    }
 }

@@ -6,11 +6,11 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::PreparedExt;
-use super::models::{JobRow, WrittenRow};
-use crate::domain::JobStatus;
+use super::models::{JsonText, WrittenRow};
+use crate::domain::{Job, ListFilter, NewJob, PageCursor, StatusChange};
 use crate::error::Result;
 
-/// The columns of a job row ([`JobRow`]), named rather than `*`: statements stay prepared on
+/// The columns of a job row ([`Job`]), named rather than `*`: statements stay prepared on
 /// their connections (see [`super::Prepared`]), and PostgreSQL refuses to run a prepared
 /// statement whose result shape changed, so `*` would break running replicas on the next
 /// migration that adds a column. With a table alias: `job_columns!("j")`.
@@ -28,26 +28,6 @@ macro_rules! job_columns {
             $t, ".request_id"
         )
     };
-}
-
-/// A validated job to create.
-#[derive(Debug, Clone)]
-pub struct NewJob {
-    /// The owning user; `None` for a job owned by no user (service role only).
-    pub owner: Option<Uuid>,
-    pub agent_identifier: String,
-    pub job_data: serde_json::Value,
-    pub request_id: Option<String>,
-}
-
-/// A validated status change.
-#[derive(Debug, Clone)]
-pub struct StatusChange {
-    pub id: Uuid,
-    pub target: JobStatus,
-    pub result: Option<serde_json::Value>,
-    pub error_message: Option<String>,
-    pub expected_version: Option<i64>,
 }
 
 // One statement: insert unless the owner already used this request_id; then return either the
@@ -85,7 +65,7 @@ fn owner_match(owner: Option<Uuid>) -> &'static str {
 }
 
 /// Inserts a job, or returns the job this owner's `request_id` already created.
-pub async fn insert(mut conn: &AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
+pub(crate) async fn insert(mut conn: &AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
     let owner = owner_match(job.owner);
     let rows: Vec<WrittenRow> = diesel::sql_query(INSERT_SQL.replace("{owner}", owner))
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
@@ -102,7 +82,7 @@ pub async fn insert(mut conn: &AsyncPgConnection, job: &NewJob) -> Result<Writte
     by_request_id(conn, job).await
 }
 
-// Many creates in one statement (natural batching, see `crate::batch`): the same insert as
+// Many creates in one statement (natural batching, see `super::batch`): the same insert as
 // INSERT_SQL for every row of the arrays, each row's job id chosen by the caller so that
 // inserted rows map back to their requests; rows whose owner already used the request_id
 // come back from the lookups (one per kind of owner, each an index condition on
@@ -130,7 +110,7 @@ WHERE i.request_id IS NOT NULL AND i.user_id IS NULL AND i.id NOT IN (SELECT id 
 /// existing rows of request_ids already used, in no particular order. A job whose request_id
 /// was taken by a transaction that committed during the statement has no row here (see
 /// [`by_request_id`]). The request_ids of `jobs` must be distinct per owner.
-pub async fn insert_many(
+pub(crate) async fn insert_many(
     mut conn: &AsyncPgConnection,
     jobs: &[(Uuid, &NewJob)],
 ) -> Result<Vec<WrittenRow>> {
@@ -156,7 +136,10 @@ pub async fn insert_many(
 }
 
 /// The existing job of an owner's request_id (after a conflict with a concurrent insert).
-pub async fn by_request_id(mut conn: &AsyncPgConnection, job: &NewJob) -> Result<WrittenRow> {
+pub(crate) async fn by_request_id(
+    mut conn: &AsyncPgConnection,
+    job: &NewJob,
+) -> Result<WrittenRow> {
     let owner = owner_match(job.owner);
     let row: WrittenRow = diesel::sql_query(BY_REQUEST_ID_SQL.replace("{owner}", owner))
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(job.owner)
@@ -168,12 +151,12 @@ pub async fn by_request_id(mut conn: &AsyncPgConnection, job: &NewJob) -> Result
 }
 
 /// One job, if it exists and the scope may see it.
-pub async fn get(
+pub(crate) async fn get(
     mut conn: &AsyncPgConnection,
     scope: Option<Uuid>,
     id: Uuid,
-) -> Result<Option<JobRow>> {
-    let rows: Vec<JobRow> = diesel::sql_query(concat!(
+) -> Result<Option<Job>> {
+    let rows: Vec<Job> = diesel::sql_query(concat!(
         "SELECT ",
         job_columns!(),
         " FROM jobs WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)"
@@ -213,7 +196,7 @@ WHERE j.id = $1 AND ($7::uuid IS NULL OR j.user_id = $7) AND NOT EXISTS (SELECT 
 
 /// Attempts one compare-and-set move. `None`: no such job in scope. `Some(row)` with
 /// `written = false`: the move did not apply, and `row` is the job as the statement saw it.
-pub async fn compare_and_set_status(
+pub(crate) async fn compare_and_set_status(
     mut conn: &AsyncPgConnection,
     scope: Option<Uuid>,
     change: &StatusChange,
@@ -238,7 +221,7 @@ pub async fn compare_and_set_status(
     Ok(rows.into_iter().next())
 }
 
-// Many compare-and-sets in one statement (natural batching, see `crate::batch`): the same
+// Many compare-and-sets in one statement (natural batching, see `super::batch`): the same
 // move as CAS_SQL for every row of the arrays, in one caller's scope. Each row's allowed
 // previous statuses travel as a comma-separated list (arrays of arrays cannot be unnested
 // per row). Rows whose move did not apply come back as the statement saw them. The job ids
@@ -269,7 +252,7 @@ WHERE ($7::uuid IS NULL OR j.user_id = $7) AND i.id NOT IN (SELECT id FROM upd)"
 
 /// Attempts the compare-and-set `changes` (distinct job ids) in one statement; returns one
 /// row per job found in scope, as [`compare_and_set_status`] would, in no particular order.
-pub async fn compare_and_set_many(
+pub(crate) async fn compare_and_set_many(
     mut conn: &AsyncPgConnection,
     scope: Option<Uuid>,
     changes: &[&StatusChange],
@@ -300,35 +283,6 @@ pub async fn compare_and_set_many(
         .await?)
 }
 
-/// A validated ListJobs filter. `user` is the effective scope (always set for users).
-#[derive(Debug, Clone, Default)]
-pub struct ListFilter {
-    pub user: Option<Uuid>,
-    pub statuses: Vec<JobStatus>,
-    pub agent_identifier: Option<String>,
-    pub created_after: Option<chrono::DateTime<chrono::Utc>>,
-    pub created_before: Option<chrono::DateTime<chrono::Utc>>,
-    pub job_data_contains: Option<serde_json::Value>,
-    /// Microseconds: RUNNING jobs whose `started_at` is older than this (database clock).
-    pub running_longer_than_us: Option<i64>,
-}
-
-impl ListFilter {
-    /// Whether the best plan depends on the bound values: a status, agent, time or job_data
-    /// filter can make another index the right one. The owner filter alone (or none) is
-    /// always served by the same index in the same order, so a cached generic plan is as good
-    /// as a fresh one and saves planning every page (a quarter of the database's CPU for
-    /// first pages).
-    pub fn plan_depends_on_values(&self) -> bool {
-        !self.statuses.is_empty()
-            || self.agent_identifier.is_some()
-            || self.created_after.is_some()
-            || self.created_before.is_some()
-            || self.job_data_contains.is_some()
-            || self.running_longer_than_us.is_some()
-    }
-}
-
 /// One page of jobs, newest first (`created_at` desc, `id` desc), strictly after `after`.
 ///
 /// The statement is assembled from the filters that are set, so the planner sees only real
@@ -340,9 +294,9 @@ impl ListFilter {
 pub async fn list(
     mut conn: &AsyncPgConnection,
     filter: &ListFilter,
-    after: Option<crate::tokens::PageCursor>,
+    after: Option<PageCursor>,
     limit: i64,
-) -> Result<Vec<JobRow<crate::convert::PbJson>>> {
+) -> Result<Vec<Job<JsonText>>> {
     use diesel::sql_types::{Interval, Timestamptz};
     let mut sql = String::from(concat!("SELECT ", job_columns!(), " FROM jobs WHERE TRUE"));
     let mut n = 0;

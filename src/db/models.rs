@@ -1,42 +1,19 @@
-//! Rows as they come out of PostgreSQL, and the `job_status` enum's wire format.
-use chrono::{DateTime, Utc};
+//! Rows as they come out of PostgreSQL beyond the domain's [`Job`], and the SQL mappings of
+//! domain types (the `job_status` enum, jsonb read as text).
 use diesel::deserialize::{self, FromSql};
 use diesel::pg::{Pg, PgValue};
 use diesel::prelude::*;
 use diesel::serialize::{self, IsNull, Output, ToSql};
 use std::io::Write;
-use uuid::Uuid;
 
-use super::schema::{jobs, sql_types};
-use crate::domain::JobStatus;
-
-/// One row of `jobs`. `J` is how its JSON columns are read: as `serde_json::Value` to work
-/// with them, or as [`crate::convert::PbJson`] when they only go out as protobuf (the jobs of
-/// a ListJobs page).
-#[derive(Debug, Clone, PartialEq, Queryable, QueryableByName, Selectable)]
-// No `check_for_backend`: its generated check cannot name the type parameter.
-#[diesel(table_name = jobs)]
-pub struct JobRow<J = serde_json::Value> {
-    pub id: Uuid,
-    pub user_id: Option<Uuid>,
-    pub agent_identifier: String,
-    pub status: JobStatus,
-    pub job_data: Option<J>,
-    pub result: Option<J>,
-    pub error_message: Option<String>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub started_at: Option<DateTime<Utc>>,
-    pub completed_at: Option<DateTime<Utc>>,
-    pub version: i64,
-    pub request_id: Option<String>,
-}
+use super::schema::sql_types;
+use crate::domain::{Job, JobStatus};
 
 /// A job row plus whether this statement wrote it (insert or compare-and-set).
 #[derive(Debug, Clone, QueryableByName)]
-pub struct WrittenRow {
+pub(crate) struct WrittenRow {
     #[diesel(embed)]
-    pub job: JobRow,
+    pub job: Job,
     #[diesel(sql_type = diesel::sql_types::Bool)]
     pub written: bool,
 }
@@ -56,12 +33,17 @@ impl FromSql<sql_types::JobStatus, Pg> for JobStatus {
     }
 }
 
-// How a ListJobs page reads its JSON columns (see `crate::convert::PbJson`). jsonb's binary
-// format is a version byte (1), then the document as text.
-impl FromSql<diesel::sql_types::Jsonb, Pg> for crate::convert::PbJson {
+/// A jsonb value as the database's own JSON text, unparsed: for rows whose JSON only goes out
+/// on the wire (the jobs of a ListJobs page), which the API layer reads straight into protobuf
+/// values without building a `serde_json::Value` tree first.
+#[derive(Debug, Clone, PartialEq, diesel::deserialize::FromSqlRow)]
+pub struct JsonText(pub Vec<u8>);
+
+// jsonb's binary format is a version byte (1), then the document as text.
+impl FromSql<diesel::sql_types::Jsonb, Pg> for JsonText {
     fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
         match value.as_bytes().split_first() {
-            Some((1, text)) => Ok(serde_json::from_slice(text)?),
+            Some((1, text)) => Ok(JsonText(text.to_vec())),
             _ => Err("unsupported jsonb binary format version".into()),
         }
     }

@@ -329,16 +329,16 @@ async fn unscoped_sql_in_a_user_context_sees_only_that_user() {
     .unwrap();
 
     let pool = jobsvc::db::pool(&server.db_url, 2).unwrap();
-    let auth = jobsvc::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
+    let auth = jobsvc::api::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
     let rows_for = |token: String| {
         let pool = pool.clone();
         let caller = auth.verify(&token).unwrap();
         async move {
             let mut db = jobsvc::db::scoped(&pool, &caller).await.unwrap();
             let rows = db
-                .run(|mut c| async move {
+                .exec(|mut c| async move {
                     Ok(diesel::sql_query("SELECT * FROM jobs")
-                        .load::<jobsvc::db::models::JobRow>(&mut c)
+                        .load::<jobsvc::domain::Job>(&mut c)
                         .await?)
                 })
                 .await;
@@ -386,10 +386,10 @@ async fn a_user_call_cancelled_mid_statement_hands_no_transaction_to_the_next_ca
     use diesel_async::RunQueryDsl;
     let server = TestServer::start().await;
     let pool = jobsvc::db::pool(&server.db_url, 1).unwrap();
-    let auth = jobsvc::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
+    let auth = jobsvc::api::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
     let caller = auth.verify(&harness::user_token(Uuid::new_v4())).unwrap();
     let mut db = jobsvc::db::scoped(&pool, &caller).await.unwrap();
-    let slow = db.run(|mut c| async move {
+    let slow = db.exec(|mut c| async move {
         diesel::sql_query("SELECT pg_sleep(3)")
             .execute(&mut c)
             .await?;
@@ -411,8 +411,8 @@ async fn a_user_call_cancelled_mid_statement_hands_no_transaction_to_the_next_ca
 /// the leeway, here none) is behind, the same token gets TOKEN_EXPIRED.
 #[tokio::test]
 async fn a_remembered_token_still_expires() {
-    let auth = jobsvc::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
-    let token = jobsvc::auth::issue(
+    let auth = jobsvc::api::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
+    let token = jobsvc::api::auth::issue(
         SECRET.as_bytes(),
         "service_role",
         None,

@@ -10,7 +10,7 @@ fn deep(levels: usize) -> prost_types::Struct {
     for _ in 0..levels - 1 {
         v = serde_json::json!({ "a": v });
     }
-    jobsvc::convert::json_to_struct(serde_json::json!({ "a": v }))
+    jobsvc::api::convert::json_to_struct(serde_json::json!({ "a": v }))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,8 +34,9 @@ async fn bad_input_table() {
             request_id: rid.into(),
         }
     };
-    let big =
-        jobsvc::convert::json_to_struct(serde_json::json!({ "s": "x".repeat((1 << 20) + 10) }));
+    let big = jobsvc::api::convert::json_to_struct(
+        serde_json::json!({ "s": "x".repeat((1 << 20) + 10) }),
+    );
     let creates: Vec<(&str, pb::CreateJobRequest, &str)> = vec![
         (
             "empty agent",
@@ -76,7 +77,7 @@ async fn bad_input_table() {
             "U+0000 in a job_data string",
             create(
                 "a",
-                Some(jobsvc::convert::json_to_struct(
+                Some(jobsvc::api::convert::json_to_struct(
                     serde_json::json!({"k": "a\u{0}"}),
                 )),
                 "",
@@ -88,7 +89,7 @@ async fn bad_input_table() {
             "U+0000 in a job_data key",
             create(
                 "a",
-                Some(jobsvc::convert::json_to_struct(
+                Some(jobsvc::api::convert::json_to_struct(
                     serde_json::json!({"\u{0}": 1}),
                 )),
                 "",

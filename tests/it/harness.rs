@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobsvc::config::ServeArgs;
-use jobsvc::embedded_pg::{EmbeddedPg, PgOptions};
+use jobsvc::app::config::ServeArgs;
+use jobsvc::app::embedded_pg::{EmbeddedPg, PgOptions};
 use jobsvc::pb::job_service_client::JobServiceClient;
 use tokio::net::TcpListener;
 use tokio::sync::{OnceCell, oneshot};
@@ -50,6 +50,8 @@ pub async fn new_durable_cluster(tag: &str) -> EmbeddedPg {
 
 async fn cluster(tag: &str, durable: bool) -> EmbeddedPg {
     init_logs();
+    // PostgreSQL's server binaries, installed by the test run itself where they are missing.
+    crate::deps::ensure();
     let dir = std::env::temp_dir()
         .join(format!("jobsvc-test-{}", std::process::id()))
         .join(tag);
@@ -241,7 +243,7 @@ impl Interceptor for Bearer {
 }
 
 pub fn service_token() -> String {
-    jobsvc::auth::issue(
+    jobsvc::api::auth::issue(
         SECRET.as_bytes(),
         "service_role",
         None,
@@ -250,7 +252,7 @@ pub fn service_token() -> String {
 }
 
 pub fn user_token(user: Uuid) -> String {
-    jobsvc::auth::issue(
+    jobsvc::api::auth::issue(
         SECRET.as_bytes(),
         "authenticated",
         Some(user),

@@ -259,7 +259,7 @@ async fn create_is_idempotent_per_caller() {
 }
 
 pub fn harness_struct(v: serde_json::Value) -> prost_types::Struct {
-    jobsvc::convert::json_to_struct(v)
+    jobsvc::api::convert::json_to_struct(v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,12 +432,12 @@ async fn job_data_round_trips_exactly() {
         .await
         .unwrap()
         .into_inner();
-    let limits = jobsvc::convert::JsonLimits {
+    let limits = jobsvc::api::convert::JsonLimits {
         max_bytes: 1 << 20,
         max_depth: 32,
     };
-    let back =
-        jobsvc::convert::struct_to_json("job_data", fetched.job_data.unwrap(), limits).unwrap();
+    let back = jobsvc::api::convert::struct_to_json("job_data", fetched.job_data.unwrap(), limits)
+        .unwrap();
     assert_eq!(back, data);
 
     // The stored JSON is the same document, as SQL sees it.
@@ -472,9 +472,10 @@ async fn job_data_round_trips_exactly() {
             job_in(&mut c, S::Running).await
         };
         let mut req = update(&job.id, S::Completed);
-        req.result = Some(jobsvc::convert::json_to_value(v.clone()));
+        req.result = Some(jobsvc::api::convert::json_to_value(v.clone()));
         let done = c.update_status(req).await.unwrap().into_inner();
-        let back = jobsvc::convert::value_to_json("result", done.result.unwrap(), limits).unwrap();
+        let back =
+            jobsvc::api::convert::value_to_json("result", done.result.unwrap(), limits).unwrap();
         assert_eq!(back, v);
     }
     server.stop().await;

@@ -78,7 +78,7 @@ async fn every_filter_matches_sql_ground_truth() {
     .unwrap();
 
     let mut svc = server.service().await;
-    let contains = |v: serde_json::Value| Some(jobsvc::convert::json_to_struct(v));
+    let contains = |v: serde_json::Value| Some(jobsvc::api::convert::json_to_struct(v));
     let day_ago = prost_types::Timestamp {
         seconds: chrono::Utc::now().timestamp() - 86_400 * 20,
         nanos: 0,
@@ -459,7 +459,8 @@ async fn page_tokens_and_sizes_are_checked() {
 /// statements, for a user (row-level security) and for the service role.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_only_pages_keep_one_plan_and_filtered_pages_are_planned_each_time() {
-    use jobsvc::db::{self, Plans, jobs::ListFilter};
+    use jobsvc::db::{self, Plans};
+    use jobsvc::domain::ListFilter;
     let server = TestServer::start().await;
     let user = Uuid::new_v4();
     let mut svc = server.service().await;
@@ -473,7 +474,8 @@ async fn owner_only_pages_keep_one_plan_and_filtered_pages_are_planned_each_time
         .unwrap();
     }
     let pool = db::pool(&server.db_url, 1).unwrap();
-    let auth = jobsvc::auth::Authenticator::new(crate::harness::SECRET.as_bytes(), Duration::ZERO);
+    let auth =
+        jobsvc::api::auth::Authenticator::new(crate::harness::SECRET.as_bytes(), Duration::ZERO);
     let callers = [
         auth.verify(&crate::harness::user_token(user)).unwrap(),
         auth.verify(&crate::harness::service_token()).unwrap(),
@@ -492,7 +494,7 @@ async fn owner_only_pages_keep_one_plan_and_filtered_pages_are_planned_each_time
         for caller in &callers {
             for _ in 0..8 {
                 let mut scoped = db::scoped_with_plans(&pool, caller, plans).await.unwrap();
-                let rows = scoped.run(|c| db::jobs::list(c, filter, None, 51)).await;
+                let rows = scoped.exec(|c| db::jobs::list(c, filter, None, 51)).await;
                 assert_eq!(scoped.finish(rows).await.unwrap().len(), 3);
             }
         }

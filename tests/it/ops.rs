@@ -562,3 +562,54 @@ async fn a_stalled_log_reader_holds_up_no_call() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 }
+
+/// The slow-call threshold and its counter belong to each server's pool, not to the process:
+/// two servers in one process, one counting every call as slow and one counting none, each
+/// report only their own. (With a process-wide setting, the first server to start decided
+/// for both.)
+#[tokio::test]
+async fn two_servers_in_one_process_count_their_own_slow_calls() {
+    let pg = shared_pg().await;
+    let metrics_of = |port: u16| format!("127.0.0.1:{port}");
+    let (quiet_port, eager_port) = (
+        crate::harness::free_addr().port(),
+        crate::harness::free_addr().port(),
+    );
+    // The one that counts nothing starts first.
+    let quiet = TestServer::start_on(
+        &fresh_database(&pg).await,
+        &[
+            "--metrics-listen",
+            &metrics_of(quiet_port),
+            "--slow-query-threshold",
+            "1h",
+        ],
+    )
+    .await;
+    let eager = TestServer::start_on(
+        &fresh_database(&pg).await,
+        &[
+            "--metrics-listen",
+            &metrics_of(eager_port),
+            "--slow-query-threshold",
+            "1ns",
+        ],
+    )
+    .await;
+    for server in [&quiet, &eager] {
+        let mut c = server.service().await;
+        for _ in 0..5 {
+            let missing = c
+                .get_job(pb::GetJobRequest {
+                    id: uuid::Uuid::new_v4().to_string(),
+                })
+                .await;
+            assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+        }
+    }
+    const SLOW: &str = "jobsvc_slow_database_calls_total";
+    assert_eq!(sample(&scrape(eager_port).await, SLOW), Some(5.0));
+    assert_eq!(sample(&scrape(quiet_port).await, SLOW), Some(0.0));
+    quiet.stop().await;
+    eager.stop().await;
+}

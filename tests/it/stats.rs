@@ -36,7 +36,7 @@ fn expect(t: &Truth) -> pb::JobStats {
         failed: t.failed,
         cancelled: t.cancelled,
         avg_processing_seconds: t.avg,
-        oldest_pending_created_at: t.oldest.map(jobsvc::convert::timestamp),
+        oldest_pending_created_at: t.oldest.map(jobsvc::api::convert::timestamp),
     }
 }
 

@@ -417,12 +417,11 @@ async fn resume_tokens_are_checked() {
     assert_err(err, Code::OutOfRange, "RESUME_TOKEN_EXPIRED");
     // A well-signed position this database never reached (a token from before a restore,
     // or from another database) is out of range too, not silently waited for.
-    let future = jobsvc::tokens::TokenKey::derive(crate::harness::SECRET.as_bytes()).resume_token(
-        jobsvc::db::events::Position {
+    let future = jobsvc::api::tokens::TokenKey::derive(crate::harness::SECRET.as_bytes())
+        .resume_token(jobsvc::domain::Position {
             xid: 1 << 40,
             seq: 1,
-        },
-    );
+        });
     let err = c
         .stream_job_updates(pb::StreamJobUpdatesRequest {
             resume_token: future,
@@ -598,7 +597,7 @@ async fn heartbeats_move_the_resume_point_and_expired_tokens_end_the_stream() {
     );
 
     // A token that expires in 2 s ends its stream with UNAUTHENTICATED.
-    let short = jobsvc::auth::issue(
+    let short = jobsvc::api::auth::issue(
         crate::harness::SECRET.as_bytes(),
         "service_role",
         None,

@@ -1,0 +1,12 @@
+//! The one place where proto messages are built and read: requests to validated domain values
+//! ([`request`]), domain values to messages ([`reply`]), and JSON to and from protobuf's
+//! `Struct`/`Value` ([`json`]). A new proto field has its home here.
+pub(crate) mod json;
+pub(crate) mod reply;
+pub(crate) mod request;
+
+pub use json::{
+    JsonColumn, JsonLimits, json_to_struct, json_to_value, struct_to_json, value_to_json,
+};
+pub use reply::{delivery_to_pb, history_to_pb, job_to_pb, stats_to_pb, status_to_pb, timestamp};
+pub use request::*;

@@ -1,0 +1,93 @@
+//! Domain values to messages: jobs, history entries, statistics and a stream's deliveries
+//! (with their resume tokens, signed here).
+use chrono::{DateTime, Utc};
+use prost_types::Timestamp;
+use uuid::Uuid;
+
+use super::json::JsonColumn;
+use crate::api::tokens::TokenKey;
+use crate::db::events::HistoryRow;
+use crate::db::stats::Counts;
+use crate::domain::{Job, JobStatus};
+use crate::feed::follow::{Delivery, ResumePoint};
+use crate::pb;
+use crate::pb::job_update::Event as Update;
+
+pub fn status_to_pb(s: JobStatus) -> pb::JobStatus {
+    match s {
+        JobStatus::Pending => pb::JobStatus::Pending,
+        JobStatus::Running => pb::JobStatus::Running,
+        JobStatus::Completed => pb::JobStatus::Completed,
+        JobStatus::Failed => pb::JobStatus::Failed,
+        JobStatus::Cancelled => pb::JobStatus::Cancelled,
+    }
+}
+
+pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// A job as the wire shows it.
+pub fn job_to_pb<J: JsonColumn>(row: Job<J>) -> pb::Job {
+    pb::Job {
+        id: row.id.to_string(),
+        user_id: row.user_id.map(|u| u.to_string()).unwrap_or_default(),
+        agent_identifier: row.agent_identifier,
+        status: status_to_pb(row.status) as i32,
+        job_data: Some(row.job_data.map(J::into_struct).unwrap_or_default()),
+        result: row.result.map(J::into_value),
+        error_message: row.error_message.unwrap_or_default(),
+        created_at: Some(timestamp(row.created_at)),
+        updated_at: Some(timestamp(row.updated_at)),
+        started_at: row.started_at.map(timestamp),
+        completed_at: row.completed_at.map(timestamp),
+        version: row.version,
+    }
+}
+
+/// One entry of a job's history (ListJobEvents).
+pub fn history_to_pb(job_id: Uuid, row: HistoryRow) -> pb::JobEvent {
+    pb::JobEvent {
+        version: row.version,
+        status: status_to_pb(row.status) as i32,
+        occurred_at: Some(timestamp(row.occurred_at)),
+        error_message: row.error_message.unwrap_or_default(),
+        job_id: job_id.to_string(),
+    }
+}
+
+/// GetStats's figures.
+pub fn stats_to_pb(c: Counts, oldest_pending: Option<DateTime<Utc>>) -> pb::JobStats {
+    pb::JobStats {
+        total: c.total,
+        pending: c.pending,
+        running: c.running,
+        completed: c.completed,
+        failed: c.failed,
+        cancelled: c.cancelled,
+        avg_processing_seconds: c.avg_processing_seconds,
+        oldest_pending_created_at: oldest_pending.map(timestamp),
+    }
+}
+
+/// What a stream sends, as the message the client receives, its resume token signed now.
+pub fn delivery_to_pb(delivery: Delivery, tokens: &TokenKey) -> pb::JobUpdate {
+    let token = |p: &ResumePoint| tokens.resume_token_with_skip(p.at, p.skip.as_ref());
+    let (resume_token, event) = match delivery {
+        Delivery::Existing(job) => (String::new(), Update::Job(job_to_pb(job))),
+        Delivery::Change(event, resume) => {
+            // The feed's copy is shared with the other subscribers it matched.
+            let job = std::sync::Arc::try_unwrap(event).map_or_else(|e| e.job.clone(), |e| e.job);
+            (token(&resume), Update::Job(job_to_pb(job)))
+        }
+        Delivery::Synced(resume) => (token(&resume), Update::Synced(pb::StreamSynced {})),
+        Delivery::Heartbeat(resume) => (token(&resume), Update::Heartbeat(pb::StreamHeartbeat {})),
+    };
+    pb::JobUpdate {
+        resume_token,
+        event: Some(event),
+    }
+}

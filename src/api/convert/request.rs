@@ -1,0 +1,302 @@
+//! Requests to domain values: every field validated, with a reason a program can act on and
+//! a message a person can.
+use prost_types::Timestamp;
+use uuid::Uuid;
+
+use super::json::{JsonLimits, nul_error, struct_to_json};
+use crate::api::tokens::{Fingerprint, fingerprint};
+use crate::domain::{Caller, JobStatus, ListFilter, Role, WatchFilter};
+use crate::error::{Error, Result};
+use crate::pb;
+
+pub const MAX_AGENT_IDENTIFIER_CHARS: usize = 255;
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 64 * 1024;
+/// At most this many `job_ids` in one StreamJobUpdates request.
+pub const MAX_JOB_IDS: usize = 1000;
+
+/// A required UUID field.
+pub fn parse_uuid(field: &'static str, s: &str) -> Result<Uuid> {
+    if s.is_empty() {
+        return Err(Error::invalid(
+            field,
+            "MISSING_FIELD",
+            format!("{field} is required"),
+        ));
+    }
+    Uuid::try_parse(s).map_err(|_| {
+        Error::invalid(
+            field,
+            "INVALID_UUID",
+            format!("{field} must be a UUID such as 123e4567-e89b-12d3-a456-426614174000"),
+        )
+    })
+}
+
+/// An optional UUID field: empty means unset.
+pub fn parse_optional_uuid(field: &'static str, s: &str) -> Result<Option<Uuid>> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse_uuid(field, s).map(Some)
+    }
+}
+
+pub fn validate_agent_identifier(field: &'static str, s: &str) -> Result<String> {
+    let chars = s.chars().count();
+    if chars == 0 || chars > MAX_AGENT_IDENTIFIER_CHARS {
+        return Err(Error::invalid(
+            field,
+            "INVALID_AGENT_IDENTIFIER",
+            format!("{field} must be 1 to {MAX_AGENT_IDENTIFIER_CHARS} characters, got {chars}"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            field,
+            "INVALID_AGENT_IDENTIFIER",
+            format!("{field} must not contain control characters"),
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// An optional idempotency key: empty means none.
+pub fn validate_request_id(s: &str) -> Result<Option<String>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.chars().count() > MAX_REQUEST_ID_CHARS {
+        return Err(Error::invalid(
+            "request_id",
+            "INVALID_REQUEST_ID",
+            format!("request_id must be at most {MAX_REQUEST_ID_CHARS} characters"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "request_id",
+            "INVALID_REQUEST_ID",
+            "request_id must not contain control characters",
+        ));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+pub fn validate_error_message(s: &str) -> Result<Option<String>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if s.len() > MAX_ERROR_MESSAGE_BYTES {
+        return Err(Error::invalid(
+            "error_message",
+            "PAYLOAD_TOO_LARGE",
+            format!("error_message must be at most {MAX_ERROR_MESSAGE_BYTES} bytes"),
+        ));
+    }
+    if s.contains('\0') {
+        return Err(nul_error("error_message"));
+    }
+    Ok(Some(s.to_owned()))
+}
+
+/// A target status: JOB_STATUS_UNSPECIFIED and unknown numbers are refused.
+pub fn parse_status(field: &'static str, raw: i32) -> Result<JobStatus> {
+    match pb::JobStatus::try_from(raw) {
+        Ok(pb::JobStatus::Pending) => Ok(JobStatus::Pending),
+        Ok(pb::JobStatus::Running) => Ok(JobStatus::Running),
+        Ok(pb::JobStatus::Completed) => Ok(JobStatus::Completed),
+        Ok(pb::JobStatus::Failed) => Ok(JobStatus::Failed),
+        Ok(pb::JobStatus::Cancelled) => Ok(JobStatus::Cancelled),
+        Ok(pb::JobStatus::Unspecified) | Err(_) => Err(Error::invalid(
+            field,
+            "INVALID_STATUS",
+            format!(
+                "{field} must be one of JOB_STATUS_PENDING, _RUNNING, _COMPLETED, _FAILED, _CANCELLED (got {raw})"
+            ),
+        )),
+    }
+}
+
+pub const DEFAULT_PAGE_SIZE: i64 = 50;
+pub const MAX_PAGE_SIZE: i64 = 1000;
+
+/// `page_size`: 0 means the default, larger than the maximum is clamped, negative is refused.
+pub fn page_size(raw: i32) -> Result<i64> {
+    match raw {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        n if n < 0 => Err(Error::invalid(
+            "page_size",
+            "INVALID_PAGE_SIZE",
+            format!("page_size must not be negative (got {n}); 0 means {DEFAULT_PAGE_SIZE}"),
+        )),
+        n => Ok(i64::from(n).min(MAX_PAGE_SIZE)),
+    }
+}
+
+pub fn parse_timestamp(field: &'static str, t: Timestamp) -> Result<chrono::DateTime<chrono::Utc>> {
+    let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000);
+    nanos
+        .and_then(|n| chrono::DateTime::from_timestamp(t.seconds, n))
+        .ok_or_else(|| {
+            Error::invalid(
+                field,
+                "INVALID_TIMESTAMP",
+                format!("{field} is not a valid timestamp"),
+            )
+        })
+}
+
+/// A non-negative duration.
+pub fn parse_duration(
+    field: &'static str,
+    d: prost_types::Duration,
+) -> Result<std::time::Duration> {
+    std::time::Duration::try_from(d).map_err(|_| {
+        Error::invalid(
+            field,
+            "INVALID_DURATION",
+            format!("{field} must be a non-negative duration"),
+        )
+    })
+}
+
+/// Resolves a request's `user_id` field against the caller: a user may only name itself
+/// (empty means itself); the service role may name anyone, or nobody (`None`).
+pub fn resolve_user(caller: &Caller, requested: Option<Uuid>) -> Result<Option<Uuid>> {
+    match (caller.role(), requested) {
+        (Role::Service, r) => Ok(r),
+        (Role::User(me), None) => Ok(Some(me)),
+        (Role::User(me), Some(r)) if r == me => Ok(Some(me)),
+        (Role::User(_), Some(_)) => Err(Error::denied(
+            "USER_MISMATCH",
+            "user_id names another user; an authenticated caller may only act for itself",
+        )),
+    }
+}
+
+/// The validated filter of a ListJobs request (`None` when it can match nothing); a user's
+/// scope is always the user itself.
+pub fn list_filter(
+    caller: &Caller,
+    msg: pb::ListJobsRequest,
+    limits: JsonLimits,
+) -> Result<Option<ListFilter>> {
+    let statuses = msg
+        .statuses
+        .iter()
+        .map(|s| parse_status("statuses", *s))
+        .collect::<Result<Vec<_>>>()?;
+    let mut statuses = statuses;
+    statuses.sort();
+    statuses.dedup();
+    let mut filter = ListFilter {
+        user: resolve_user(caller, parse_optional_uuid("user_id", &msg.user_id)?)?,
+        statuses,
+        agent_identifier: match msg.agent_identifier.as_str() {
+            "" => None,
+            a => Some(validate_agent_identifier("agent_identifier", a)?),
+        },
+        created_after: msg
+            .created_after
+            .map(|t| parse_timestamp("created_after", t))
+            .transpose()?,
+        created_before: msg
+            .created_before
+            .map(|t| parse_timestamp("created_before", t))
+            .transpose()?,
+        job_data_contains: msg
+            .job_data_contains
+            .map(|s| struct_to_json("job_data_contains", s, limits))
+            .transpose()?,
+        running_longer_than_us: msg
+            .running_longer_than
+            .map(|d| {
+                parse_duration("running_longer_than", d)
+                    .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            })
+            .transpose()?,
+    };
+    // running_longer_than already means status = RUNNING: a status list either excludes
+    // RUNNING (nothing matches) or adds nothing. Folding it keeps the planner from counting
+    // the status condition twice and misjudging the row count.
+    if filter.running_longer_than_us.is_some() && !filter.statuses.is_empty() {
+        if !filter.statuses.contains(&JobStatus::Running) {
+            return Ok(None);
+        }
+        filter.statuses.clear();
+    }
+    Ok(Some(filter))
+}
+
+/// What a page token is bound to: the effective filter, the caller's scope included.
+pub fn list_fingerprint(f: &ListFilter) -> Fingerprint {
+    let canonical = serde_json::json!({
+        "user": f.user,
+        "statuses": f.statuses.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "agent": f.agent_identifier,
+        "after": f.created_after.map(|t| t.timestamp_micros()),
+        "before": f.created_before.map(|t| t.timestamp_micros()),
+        "contains": f.job_data_contains,
+        "running_longer_than_us": f.running_longer_than_us,
+    });
+    fingerprint(canonical.to_string().as_bytes())
+}
+
+/// The validated filter of a StreamJobUpdates request; a user's scope is always the user.
+pub fn watch_filter(caller: &Caller, msg: &pb::StreamJobUpdatesRequest) -> Result<WatchFilter> {
+    if msg.job_ids.len() > MAX_JOB_IDS {
+        return Err(Error::invalid(
+            "job_ids",
+            "TOO_MANY_JOB_IDS",
+            format!(
+                "job_ids holds {} ids; at most {} (leave it empty to follow every job)",
+                msg.job_ids.len(),
+                MAX_JOB_IDS
+            ),
+        ));
+    }
+    let mut statuses = msg
+        .statuses
+        .iter()
+        .map(|s| parse_status("statuses", *s))
+        .collect::<Result<Vec<_>>>()?;
+    statuses.sort();
+    statuses.dedup();
+    Ok(WatchFilter {
+        job_ids: msg
+            .job_ids
+            .iter()
+            .map(|id| parse_uuid("job_ids", id))
+            .collect::<Result<_>>()?,
+        statuses,
+        agent_identifier: match msg.agent_identifier.as_str() {
+            "" => None,
+            a => Some(validate_agent_identifier("agent_identifier", a)?),
+        },
+        user: resolve_user(caller, parse_optional_uuid("user_id", &msg.user_id)?)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Request fields: no input panics; the answer is a value or a documented reason.
+        #[test]
+        fn any_string_field_is_parsed_or_refused(s in "\\PC{0,40}|.{0,300}") {
+            let _ = parse_uuid("id", &s);
+            let _ = validate_agent_identifier("agent_identifier", &s);
+            let _ = validate_request_id(&s);
+            let _ = validate_error_message(&s);
+        }
+
+        #[test]
+        fn any_timestamp_or_duration_is_parsed_or_refused(secs in any::<i64>(), nanos in any::<i32>()) {
+            let _ = parse_timestamp("t", Timestamp { seconds: secs, nanos });
+            let _ = parse_duration("d", prost_types::Duration { seconds: secs, nanos });
+        }
+    }
+}

@@ -1,0 +1,454 @@
+//! JobService: each RPC reads top to bottom: authenticate, validate, one database call, notify,
+//! reply.
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::call::CallRecord;
+use super::convert;
+use super::state::AppState;
+use crate::db;
+use crate::domain::{
+    Caller, Job, JobStatus, NewJob, PageCursor, StatusChange, Transition, WatchFilter, transition,
+};
+use crate::error::{Error, Result};
+use crate::feed::Subscription;
+use crate::feed::follow::{self, Start, StreamTask};
+use crate::metrics::GaugeGuard;
+use crate::pb;
+
+/// WaitJob re-reads the job when the change feed shows a change to it; this re-read is only a
+/// safety net for a feed that cannot read the history.
+const WAIT_REREAD_INTERVAL: Duration = Duration::from_secs(5);
+const WAIT_DEFAULT: Duration = Duration::from_secs(30);
+const WAIT_MAX: Duration = Duration::from_secs(300);
+/// A compare-and-set that loses a race is re-diagnosed with a fresh read at most this often.
+const CAS_ATTEMPTS: usize = 5;
+
+#[derive(Clone)]
+pub struct JobSvc {
+    state: Arc<AppState>,
+}
+
+impl JobSvc {
+    pub fn new(state: Arc<AppState>) -> Self {
+        JobSvc { state }
+    }
+
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller> {
+        let caller = self.state.auth.authenticate(request.metadata())?;
+        tracing::Span::current().record("role", caller.role_name());
+        Ok(caller)
+    }
+
+    /// Runs a call's work: refused at once while the database is down, abandoned if it goes
+    /// down meanwhile, and (when `admit`) counted against the concurrency limit.
+    async fn guarded<T>(&self, admit: bool, work: impl Future<Output = Result<T>>) -> Result<T> {
+        self.state.db_health.check()?;
+        let _permit = match admit {
+            true => Some(self.state.admission.enter().await?),
+            false => None,
+        };
+        self.state.db_health.guard(work).await
+    }
+
+    /// A write committed: the feed reads it now and wakes the other replicas. With the test
+    /// hook configured, the answer may be the lost response instead.
+    fn committed(&self) -> Result<()> {
+        self.state.feed.committed();
+        match &self.state.lost_responses {
+            Some(hook) => hook.after_commit(),
+            None => Ok(()),
+        }
+    }
+
+    /// Moves a job through the compare-and-set, then tells retry, forbidden move and version
+    /// mismatch apart from the row the statement saw.
+    async fn apply_change(&self, caller: &Caller, mut change: StatusChange) -> Result<Job> {
+        for _ in 0..CAS_ATTEMPTS {
+            let (row, back) = self.state.updates.apply(*caller, change).await?;
+            change = back;
+            let row = row.ok_or(Error::JobNotFound(change.id))?;
+            if row.written {
+                self.committed()?;
+                return Ok(row.job);
+            }
+            match transition(row.job.status, change.target) {
+                Transition::AlreadyDone => return Ok(row.job),
+                Transition::Forbidden => {
+                    return Err(Error::InvalidTransition {
+                        current: row.job.status,
+                        requested: change.target,
+                    });
+                }
+                Transition::Apply => match change.expected_version {
+                    Some(expected) if expected != row.job.version => {
+                        return Err(Error::VersionMismatch {
+                            expected,
+                            actual: row.job.version,
+                        });
+                    }
+                    // The statement's snapshot predates a concurrent move: read again.
+                    _ => continue,
+                },
+            }
+        }
+        Err(Error::Conflict)
+    }
+
+    async fn get(&self, caller: &Caller, id: Uuid) -> Result<Job> {
+        let scope = caller.user();
+        let mut db = db::scoped(&self.state.pool, caller).await?;
+        let row = db.exec(|c| db::jobs::get(c, scope, id)).await;
+        db.finish(row).await?.ok_or(Error::JobNotFound(id))
+    }
+}
+
+type UpdateStream = Pin<Box<dyn Stream<Item = Result<pb::JobUpdate, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobSvc {
+    async fn create_job(
+        &self,
+        request: Request<pb::CreateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = CallRecord::start("CreateJob", &request, &self.state.metrics);
+        let result = self
+            .guarded(true, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let owner = convert::resolve_user(
+                    &caller,
+                    convert::parse_optional_uuid("user_id", &msg.user_id)?,
+                )?;
+                let new = NewJob {
+                    owner,
+                    agent_identifier: convert::validate_agent_identifier(
+                        "agent_identifier",
+                        &msg.agent_identifier,
+                    )?,
+                    job_data: match msg.job_data {
+                        Some(s) => convert::struct_to_json("job_data", s, self.state.limits)?,
+                        None => serde_json::json!({}),
+                    },
+                    request_id: convert::validate_request_id(&msg.request_id)?,
+                };
+                let (row, new) = self.state.creates.create(caller, new).await?;
+                if row.written {
+                    self.committed()?;
+                } else if row.job.agent_identifier != new.agent_identifier
+                    || row.job.job_data.as_ref() != Some(&new.job_data)
+                {
+                    return Err(Error::IdempotencyKeyReused {
+                        request_id: new.request_id.clone().unwrap_or_default(),
+                    });
+                }
+                Ok(convert::job_to_pb(row.job))
+            })
+            .instrument(call.span.clone())
+            .await;
+        call.finish(result)
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = CallRecord::start("GetJob", &request, &self.state.metrics);
+        let result = self
+            .guarded(true, async {
+                let caller = self.authenticate(&request)?;
+                let id = convert::parse_uuid("id", &request.get_ref().id)?;
+                Ok(convert::job_to_pb(self.get(&caller, id).await?))
+            })
+            .instrument(call.span.clone())
+            .await;
+        call.finish(result)
+    }
+
+    async fn update_status(
+        &self,
+        request: Request<pb::UpdateStatusRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = CallRecord::start("UpdateStatus", &request, &self.state.metrics);
+        let result = self
+            .guarded(true, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let change = StatusChange {
+                    id: convert::parse_uuid("id", &msg.id)?,
+                    target: convert::parse_status("status", msg.status)?,
+                    result: msg
+                        .result
+                        .map(|v| convert::value_to_json("result", v, self.state.limits))
+                        .transpose()?,
+                    error_message: convert::validate_error_message(&msg.error_message)?,
+                    expected_version: msg.expected_version,
+                };
+                Ok(convert::job_to_pb(
+                    self.apply_change(&caller, change).await?,
+                ))
+            })
+            .instrument(call.span.clone())
+            .await;
+        call.finish(result)
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = CallRecord::start("CancelJob", &request, &self.state.metrics);
+        let result = self
+            .guarded(true, async {
+                let caller = self.authenticate(&request)?;
+                let change = StatusChange {
+                    id: convert::parse_uuid("id", &request.get_ref().id)?,
+                    target: JobStatus::Cancelled,
+                    result: None,
+                    error_message: None,
+                    expected_version: None,
+                };
+                Ok(convert::job_to_pb(
+                    self.apply_change(&caller, change).await?,
+                ))
+            })
+            .instrument(call.span.clone())
+            .await;
+        call.finish(result)
+    }
+
+    async fn wait_job(
+        &self,
+        request: Request<pb::WaitJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let call = CallRecord::start("WaitJob", &request, &self.state.metrics);
+        let result = self
+            .guarded(false, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let id = convert::parse_uuid("id", &msg.id)?;
+                let timeout = match msg.timeout {
+                    None => WAIT_DEFAULT,
+                    Some(d) => convert::parse_duration("timeout", d)?.min(WAIT_MAX),
+                };
+                let deadline = tokio::time::Instant::now() + timeout;
+                // Subscribe before the first read, so a change between the two is not missed.
+                let (mut changes, _) = self.state.feed.subscribe(WatchFilter {
+                    job_ids: [id].into(),
+                    ..Default::default()
+                });
+                let mut shutdown = self.state.shutdown.clone();
+                loop {
+                    let job = self.get(&caller, id).await?;
+                    let now = tokio::time::Instant::now();
+                    if job.status.is_terminal() || now >= deadline || *shutdown.borrow() {
+                        return Ok(convert::job_to_pb(job));
+                    }
+                    let wake = (now + WAIT_REREAD_INTERVAL).min(deadline);
+                    tokio::select! {
+                        _ = wait_for_change(&mut changes) => {}
+                        _ = tokio::time::sleep_until(wake) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            })
+            .instrument(call.span.clone())
+            .await;
+        call.finish(result)
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let call = CallRecord::start("ListJobs", &request, &self.state.metrics);
+        let result = self
+            .guarded(true, async {
+                let caller = self.authenticate(&request)?;
+                let mut msg = request.into_inner();
+                let page_size = convert::page_size(msg.page_size)?;
+                let page_token = std::mem::take(&mut msg.page_token);
+                let Some(filter) = convert::list_filter(&caller, msg, self.state.limits)? else {
+                    return Ok(pb::ListJobsResponse::default());
+                };
+                let fingerprint = convert::list_fingerprint(&filter);
+                let after = match page_token.as_str() {
+                    "" => None,
+                    token => Some(self.state.tokens.open_page_token(token, &fingerprint)?),
+                };
+                let plans = match filter.plan_depends_on_values() {
+                    true => db::Plans::Custom,
+                    false => db::Plans::Generic,
+                };
+                let mut db = db::scoped_with_plans(&self.state.pool, &caller, plans).await?;
+                let rows = db
+                    .exec(|c| db::jobs::list(c, &filter, after, page_size + 1))
+                    .await;
+                let mut rows = db.finish(rows).await?;
+                let next_page_token = if rows.len() as i64 > page_size {
+                    rows.truncate(page_size as usize);
+                    let last = rows.last().expect("page_size is at least 1");
+                    let cursor = PageCursor {
+                        created_at: last.created_at,
+                        id: last.id,
+                    };
+                    self.state.tokens.page_token(&fingerprint, cursor)
+                } else {
+                    String::new()
+                };
+                Ok(pb::ListJobsResponse {
+                    jobs: rows.into_iter().map(convert::job_to_pb).collect(),
+                    next_page_token,
+                })
+            })
+            .instrument(call.span.clone())
+            .await;
+        call.finish(result)
+    }
+
+    async fn list_job_events(
+        &self,
+        request: Request<pb::ListJobEventsRequest>,
+    ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
+        let call = CallRecord::start("ListJobEvents", &request, &self.state.metrics);
+        let result = self
+            .guarded(true, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let job_id = convert::parse_uuid("job_id", &msg.job_id)?;
+                let page_size = convert::page_size(msg.page_size)?;
+                let after = match msg.page_token.as_str() {
+                    "" => 0,
+                    token => self.state.tokens.open_events_page_token(token, job_id)?,
+                };
+                let scope = caller.user();
+                let mut db = db::scoped(&self.state.pool, &caller).await?;
+                let rows = db
+                    .exec(|c| async move {
+                        let rows =
+                            db::events::history(c, scope, job_id, after, page_size + 1).await?;
+                        // No history at all: tell a job that does not exist (for this caller)
+                        // apart.
+                        if rows.is_empty()
+                            && after == 0
+                            && db::jobs::get(c, scope, job_id).await?.is_none()
+                        {
+                            return Err(Error::JobNotFound(job_id));
+                        }
+                        Ok(rows)
+                    })
+                    .await;
+                let mut rows = db.finish(rows).await?;
+                let next_page_token = if rows.len() as i64 > page_size {
+                    rows.truncate(page_size as usize);
+                    let last = rows.last().expect("page_size is at least 1");
+                    self.state.tokens.events_page_token(job_id, last.version)
+                } else {
+                    String::new()
+                };
+                Ok(pb::ListJobEventsResponse {
+                    events: rows
+                        .into_iter()
+                        .map(|r| convert::history_to_pb(job_id, r))
+                        .collect(),
+                    next_page_token,
+                })
+            })
+            .instrument(call.span.clone())
+            .await;
+        call.finish(result)
+    }
+
+    type StreamJobUpdatesStream = UpdateStream;
+
+    async fn stream_job_updates(
+        &self,
+        request: Request<pb::StreamJobUpdatesRequest>,
+    ) -> Result<Response<Self::StreamJobUpdatesStream>, Status> {
+        let call = CallRecord::start("StreamJobUpdates", &request, &self.state.metrics);
+        let request_id = call.request_id.clone();
+        let result = self
+            .guarded(false, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let filter = convert::watch_filter(&caller, &msg)?;
+                // A resume token wins over include_existing: a client may send the same request
+                // again with the token it got, and then wants the changes, not a new snapshot.
+                let start = match msg.resume_token.as_str() {
+                    "" if msg.include_existing => Start::Existing,
+                    "" => Start::Now,
+                    token => {
+                        let (at, skip) = self.state.tokens.open_resume_token(token)?;
+                        follow::check_resumable(&self.state.pool, at).await?;
+                        Start::Resume(at, skip)
+                    }
+                };
+                let deliveries = StreamTask {
+                    pool: self.state.pool.clone(),
+                    database_url: self.state.database_url.clone(),
+                    snapshot_slots: self.state.snapshot_slots.clone(),
+                    feed: self.state.feed.clone(),
+                    caller,
+                    filter,
+                    start,
+                    heartbeat: self.state.stream_heartbeat,
+                    shutdown: self.state.shutdown.clone(),
+                    request_id: request_id.clone(),
+                }
+                .start(GaugeGuard::new(&self.state.metrics.open_streams))
+                .await?;
+                let state = self.state.clone();
+                let updates = ReceiverStream::new(deliveries).map(move |d| match d {
+                    Ok(d) => Ok(convert::delivery_to_pb(*d, &state.tokens)),
+                    Err(e) => Err(e.into_status(&request_id)),
+                });
+                Ok(Box::pin(updates) as UpdateStream)
+            })
+            .instrument(call.span.clone())
+            .await;
+        call.finish(result)
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::JobStats>, Status> {
+        let call = CallRecord::start("GetStats", &request, &self.state.metrics);
+        let result = self
+            .guarded(true, async {
+                let caller = self.authenticate(&request)?;
+                let msg = request.into_inner();
+                let user = convert::resolve_user(
+                    &caller,
+                    convert::parse_optional_uuid("user_id", &msg.user_id)?,
+                )?;
+                let agent = match msg.agent_identifier.as_str() {
+                    "" => None,
+                    a => Some(convert::validate_agent_identifier("agent_identifier", a)?),
+                };
+                let mut db = db::scoped(&self.state.pool, &caller).await?;
+                let figures = db.exec(|c| db::stats::get(c, user, agent.as_deref())).await;
+                let (counts, oldest) = db.finish(figures).await?;
+                Ok(convert::stats_to_pb(counts, oldest))
+            })
+            .instrument(call.span.clone())
+            .await;
+        call.finish(result)
+    }
+}
+
+/// Resolves when the feed carries a change to the job (from any replica or plain SQL); never
+/// once the feed is gone (the caller's re-read timer still runs).
+async fn wait_for_change(sub: &mut Subscription) {
+    if sub.recv().await.is_none() {
+        std::future::pending::<()>().await;
+    }
+}

@@ -1,0 +1,47 @@
+//! What every call shares: the pool, the feed, the writers, the limits and the keys.
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::admission::Admission;
+use super::auth::Authenticator;
+use super::convert::JsonLimits;
+use super::fault::LostResponses;
+use super::tokens::TokenKey;
+use crate::db::PgPool;
+use crate::db::batch::{Creates, Updates};
+use crate::db::health::DbHealth;
+use crate::feed::Feed;
+use crate::metrics::Metrics;
+
+/// Everything a call needs, shared by all calls.
+pub struct AppState {
+    pub pool: PgPool,
+    /// For connections outside the pool (a stream's snapshot).
+    pub database_url: Arc<str>,
+    pub auth: Authenticator,
+    pub limits: JsonLimits,
+    /// Signs page and resume tokens.
+    pub tokens: TokenKey,
+    /// The change feed: every committed change, from every replica and plain SQL.
+    pub feed: Arc<Feed>,
+    /// Heartbeat interval of idle streams.
+    pub stream_heartbeat: Duration,
+    /// What the metrics endpoint reports.
+    pub metrics: Arc<Metrics>,
+    /// Bounds the connections that `include_existing` snapshots open outside the pool.
+    pub snapshot_slots: Arc<tokio::sync::Semaphore>,
+    /// Tests only: answers some committed writes as if the response had been lost.
+    pub lost_responses: Option<LostResponses>,
+    /// Whether the database answers: calls fail fast while it does not.
+    pub db_health: DbHealth,
+    /// CreateJob's writer: concurrent creates share statements and commits.
+    pub creates: Creates,
+    /// UpdateStatus's and CancelJob's writer: concurrent moves share statements and commits.
+    pub updates: Updates,
+    /// The limit on unary calls working and waiting at once.
+    pub admission: Admission,
+    /// Flips to true when the server starts shutting down: long calls return early.
+    pub shutdown: watch::Receiver<bool>,
+}

@@ -1,0 +1,106 @@
+//! The commands besides `serve`: `token`, `export` and `import`.
+use super::config::{DbArgs, ExportArgs, ImportArgs, TokenArgs, TokenRole};
+use super::embedded_pg::{EmbeddedPg, PgOptions};
+use super::{AppError, EMBEDDED_DB, secret};
+use crate::api::auth;
+use crate::db;
+use crate::domain::{ExportFilter, JobStatus};
+
+/// `jobsvc token`: prints a signed token.
+pub fn print_token(args: TokenArgs) -> Result<(), AppError> {
+    let secret = secret::secret(&args.secret, false)?;
+    let token = match args.role {
+        TokenRole::ServiceRole => auth::issue(&secret, "service_role", args.sub, args.ttl),
+        TokenRole::Authenticated => {
+            let sub = args.sub.ok_or("--role authenticated needs --sub UUID")?;
+            auth::issue(&secret, "authenticated", Some(sub), args.ttl)
+        }
+    };
+    println!("{token}");
+    Ok(())
+}
+
+/// The database of `export` / `import`: DATABASE_URL, or the private PostgreSQL of the data
+/// directory (reached on its socket while `serve` runs, else started for the command and
+/// returned so the caller stops it).
+async fn command_database(
+    db_args: &DbArgs,
+    create: bool,
+) -> Result<(String, Option<EmbeddedPg>), AppError> {
+    if let Some(url) = &db_args.database_url {
+        return Ok((url.clone(), None));
+    }
+    // A backup run from the wrong directory must fail, not back up a new empty database.
+    if !create && !db_args.data_dir.join("pg/data/PG_VERSION").exists() {
+        return Err(format!(
+            "no private PostgreSQL in {}: pass --data-dir (where `jobsvc serve` keeps it) or --database-url",
+            db_args.data_dir.display()
+        )
+        .into());
+    }
+    let pg = EmbeddedPg::init(&db_args.data_dir, PgOptions::default())?;
+    let url = pg.url(EMBEDDED_DB);
+    if db::connect(&url).await.is_ok() {
+        return Ok((url, None));
+    }
+    pg.start().await?;
+    pg.ensure_database(EMBEDDED_DB).await?;
+    Ok((url, Some(pg)))
+}
+
+/// `jobsvc export`.
+pub async fn export(args: ExportArgs) -> Result<(), AppError> {
+    let filter = ExportFilter {
+        statuses: args
+            .statuses
+            .iter()
+            .map(|s| {
+                JobStatus::parse(s).ok_or_else(|| {
+                    format!(
+                        "unknown status {s:?}: pending, running, completed, failed or cancelled"
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        agent_identifier: args.agent.clone(),
+        user: args.user,
+        created_after: args.created_after,
+        created_before: args.created_before,
+        after_id: args.after_id,
+    };
+    let (url, pg) = command_database(&args.db, false).await?;
+    let result = async {
+        // No migrations here: a backup changes nothing, and may run as a read-only role.
+        let mut conn = db::connect(&url).await?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout());
+        let n = super::transfer::export(&mut conn, &filter, &mut out).await?;
+        eprintln!("exported {n} jobs");
+        Ok::<_, AppError>(())
+    }
+    .await;
+    if let Some(pg) = pg {
+        pg.stop().await;
+    }
+    result
+}
+
+/// `jobsvc import`.
+pub async fn import(args: ImportArgs) -> Result<(), AppError> {
+    let (url, pg) = command_database(&args.db, true).await?;
+    let result = async {
+        db::migrate(&url).await?;
+        let mut conn = db::connect(&url).await?;
+        let input = tokio::io::BufReader::new(tokio::io::stdin());
+        let done = super::transfer::import(&mut conn, input, args.batch_size.into()).await?;
+        eprintln!(
+            "read {} jobs: {} inserted, {} already there",
+            done.read, done.inserted, done.skipped
+        );
+        Ok::<_, AppError>(())
+    }
+    .await;
+    if let Some(pg) = pg {
+        pg.stop().await;
+    }
+    result
+}

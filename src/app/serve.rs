@@ -1,0 +1,239 @@
+//! `jobsvc serve`: the private PostgreSQL or `DATABASE_URL`, migrations, and every part of the
+//! service started and wired together until shutdown.
+use std::io::Write;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::config::ServeArgs;
+use super::embedded_pg::{EmbeddedPg, PgOptions};
+use super::{AppError, EMBEDDED_DB, metrics_http, secret, telemetry};
+use crate::api::admission::Admission;
+use crate::api::auth::{self, Authenticator};
+use crate::api::convert::JsonLimits;
+use crate::api::fault::LostResponses;
+use crate::api::server::{self, Limits};
+use crate::api::state::AppState;
+use crate::api::tokens::TokenKey;
+use crate::db;
+use crate::db::batch::{Creates, Updates};
+use crate::db::health::DbHealth;
+use crate::feed::follow;
+use crate::feed::{Feed, FeedConfig};
+use crate::metrics::Metrics;
+use crate::tasks;
+
+/// `jobsvc serve`: database, migrations, server, until SIGINT or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
+    let log_writer = telemetry::init_tracing(args.log_format);
+    let mut embedded = None;
+    let (database_url, secret) = match &args.database_url {
+        Some(url) => {
+            if args.secret.jwt_secret.is_none() {
+                return Err(
+                    "JWT_SECRET is required with DATABASE_URL (replicas must share it)".into(),
+                );
+            }
+            (url.clone(), secret::secret(&args.secret, false)?)
+        }
+        None => {
+            let pg = EmbeddedPg::init(&args.secret.data_dir, PgOptions::default())?;
+            pg.start().await?;
+            pg.ensure_database(EMBEDDED_DB).await?;
+            tracing::info!(socket_dir = %pg.socket_dir().display(), "private PostgreSQL running");
+            let url = pg.url(EMBEDDED_DB);
+            embedded = Some(pg);
+            (url, secret::secret(&args.secret, true)?)
+        }
+    };
+
+    let result = async {
+        db::migrate(&database_url).await?;
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        if embedded.is_some() {
+            print_banner(listener.local_addr()?, &secret);
+        }
+        let metrics = Arc::new(Metrics::new());
+        metrics.count_dropped_log_lines(log_writer.dropped.clone());
+        start(
+            &args,
+            &database_url,
+            &secret,
+            listener,
+            shutdown_signal(),
+            metrics,
+        )
+        .await
+    }
+    .await;
+    if let Some(pg) = embedded {
+        pg.stop().await;
+        tracing::info!("private PostgreSQL stopped");
+    }
+    result
+}
+
+/// Serves an already-migrated database on `listener` until `shutdown` resolves.
+pub async fn run_server(
+    args: &ServeArgs,
+    database_url: &str,
+    secret: &[u8],
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    let metrics = Arc::new(Metrics::new());
+    start(args, database_url, secret, listener, shutdown, metrics).await
+}
+
+/// [`run_server`], reporting to `metrics`: the pool, the feed, the writers, the background
+/// tasks and the server, wired together.
+async fn start(
+    args: &ServeArgs,
+    database_url: &str,
+    secret: &[u8],
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    metrics: Arc<Metrics>,
+) -> Result<(), AppError> {
+    let pool = db::pool(database_url, args.pool_size)?
+        .watch_slow_calls(args.slow_query_threshold, metrics.slow_queries.clone());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let tokens = TokenKey::derive(secret);
+    if let Some(addr) = args.metrics_listen {
+        let listener = metrics_http::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+        tokio::spawn(metrics_http::serve(
+            listener,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    let feed = Feed::start(
+        database_url.to_owned(),
+        FeedConfig {
+            poll_interval: args.feed_poll_interval,
+            queue_events: args.stream_queue_events,
+        },
+        metrics.clone(),
+        shutdown_rx.clone(),
+    )
+    .await?;
+    let db_health = DbHealth::start(database_url.to_owned(), pool.clone(), shutdown_rx.clone());
+    let state = Arc::new(AppState {
+        pool: pool.clone(),
+        database_url: database_url.into(),
+        auth: Authenticator::new(secret, args.jwt_leeway),
+        limits: JsonLimits {
+            max_bytes: args.max_job_data_bytes,
+            max_depth: args.max_job_data_depth,
+        },
+        tokens,
+        feed,
+        stream_heartbeat: args.stream_heartbeat,
+        metrics: metrics.clone(),
+        snapshot_slots: Arc::new(tokio::sync::Semaphore::new(follow::SNAPSHOT_CONNECTIONS)),
+        creates: Creates::start(
+            pool.clone(),
+            batch_workers(args.create_batch_workers, args.pool_size),
+            db_health.clone(),
+            metrics.clone(),
+        ),
+        updates: Updates::start(
+            pool.clone(),
+            batch_workers(args.update_batch_workers, args.pool_size),
+            db_health.clone(),
+            metrics.clone(),
+        ),
+        db_health,
+        admission: Admission::new(
+            args.max_concurrent_calls as usize,
+            args.max_queued_calls as usize,
+            args.queue_timeout,
+        ),
+        lost_responses: LostResponses::every(args.fault_drop_every),
+        shutdown: shutdown_rx,
+    });
+    tokio::spawn(tasks::sweeper::run(
+        state.pool.clone(),
+        state.feed.clone(),
+        args.running_timeout,
+        args.sweep_interval,
+        state.shutdown.clone(),
+    ));
+    tokio::spawn(tasks::retention::run(
+        state.pool.clone(),
+        tasks::retention::Policy {
+            completed: args.retain_completed,
+            failed: args.retain_failed,
+            cancelled: args.retain_cancelled,
+        },
+        args.retention_interval,
+        state.shutdown.clone(),
+    ));
+    tokio::spawn(tasks::history_prune::run(
+        state.pool.clone(),
+        args.event_retention,
+        state.shutdown.clone(),
+    ));
+    tokio::spawn(tasks::stats_fold::run(
+        state.pool.clone(),
+        state.metrics.clone(),
+        state.shutdown.clone(),
+    ));
+    tracing::info!(addr = %listener.local_addr()?, "jobsvc listening");
+    let limits = Limits {
+        max_message_bytes: args.max_message_bytes,
+        max_concurrent_streams: args.max_concurrent_streams,
+        keepalive_interval: args.keepalive_interval,
+        keepalive_timeout: args.keepalive_timeout,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(tonic::transport::Identity::from_pem(
+                std::fs::read(cert).map_err(|e| format!("reading {}: {e}", cert.display()))?,
+                std::fs::read(key).map_err(|e| format!("reading {}: {e}", key.display()))?,
+            )),
+            _ => None,
+        },
+    };
+    server::run(listener, state, shutdown_tx, limits, shutdown).await?;
+    tracing::info!("jobsvc stopped");
+    Ok(())
+}
+
+/// A ready token and grpcurl line on stdout (never in the log) for the embedded quick start.
+fn print_banner(addr: std::net::SocketAddr, secret: &[u8]) {
+    let token = auth::issue(
+        secret,
+        "service_role",
+        None,
+        std::time::Duration::from_secs(24 * 3600),
+    );
+    let banner = format!(
+        "\njobsvc is serving on {addr} with a private PostgreSQL.\n\
+         A service_role token valid for 24h (make more with `jobsvc token --role service_role`):\n\n\
+         export TOKEN={token}\n\n\
+         Try:\n  grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"agent_identifier\":\"demo\"}}' {addr} jobs.v1.JobService/CreateJob\n\n"
+    );
+    // Best effort: a closed stdout (a pipe whose reader left) must not stop the server.
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Batch workers of one kind: as configured, or by default a quarter of the pool.
+fn batch_workers(configured: usize, pool_size: usize) -> usize {
+    match configured {
+        0 => (pool_size / 4).max(1),
+        n => n,
+    }
+}
