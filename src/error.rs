@@ -85,6 +85,14 @@ impl Error {
         }
     }
 
+    /// The caller's token expired during a long call (a stream, a wait).
+    pub fn token_expired() -> Self {
+        Error::unauthenticated(
+            "TOKEN_EXPIRED",
+            "the token expired; call again with a fresh token (a stream: with its last resume_token)",
+        )
+    }
+
     pub fn denied(reason: &'static str, message: impl Into<String>) -> Self {
         Error::PermissionDenied {
             reason,

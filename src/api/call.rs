@@ -1,9 +1,9 @@
 //! Per-call telemetry: the request id, the span, the timer, the metrics, and the one log line
 //! at the end of every call.
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
 use crate::error::Result;
@@ -26,16 +26,10 @@ impl Drop for CallRecord {
         if self.finished {
             return;
         }
-        let _enter = self.span.enter();
         let elapsed = self.started.elapsed();
         self.metrics
-            .call_finished(self.method, tonic::Code::Cancelled, elapsed);
-        tracing::info!(
-            method = self.method,
-            code = "Cancelled",
-            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-            "call"
-        );
+            .call_finished(self.method, Code::Cancelled, elapsed);
+        self.log_line(Code::Cancelled, elapsed, None);
     }
 }
 
@@ -77,14 +71,43 @@ impl CallRecord {
     /// Logs the call and turns the result into the gRPC answer.
     pub(crate) fn finish<T>(mut self, result: Result<T>) -> Result<Response<T>, Status> {
         self.finished = true;
-        let _enter = self.span.enter();
         let elapsed = self.started.elapsed();
-        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+        let answer = self.answer(result, elapsed);
+        let code = answer.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.log_line(code, elapsed, None);
+        answer
+    }
+
+    /// For a stream: counts the call as answered now (its duration in the metrics is to the
+    /// stream's start), and logs it once, when the stream ends (see [`StreamLog`]). A stream
+    /// that could not start is logged at once, as any call.
+    pub(crate) fn finish_stream<T>(
+        mut self,
+        result: Result<T>,
+    ) -> Result<(Response<T>, StreamLog), Status> {
+        self.finished = true;
+        let elapsed = self.started.elapsed();
+        match self.answer(result, elapsed) {
+            Ok(response) => Ok((
+                response,
+                StreamLog {
+                    call: self,
+                    messages: 0,
+                    ended: Code::Cancelled,
+                },
+            )),
+            Err(status) => {
+                self.log_line(status.code(), elapsed, None);
+                Err(status)
+            }
+        }
+    }
+
+    /// Counts the answer in the metrics and makes it the gRPC answer.
+    fn answer<T>(&self, result: Result<T>, elapsed: Duration) -> Result<Response<T>, Status> {
         match result {
             Ok(body) => {
-                self.metrics
-                    .call_finished(self.method, tonic::Code::Ok, elapsed);
-                tracing::info!(method = self.method, code = "OK", elapsed_ms, "call");
+                self.metrics.call_finished(self.method, Code::Ok, elapsed);
                 let mut response = Response::new(body);
                 if let Ok(v) = self.request_id.parse() {
                     response.metadata_mut().insert("x-request-id", v);
@@ -92,17 +115,53 @@ impl CallRecord {
                 Ok(response)
             }
             Err(e) => {
-                let status = e.into_status(&self.request_id);
+                let status = {
+                    let _enter = self.span.enter();
+                    e.into_status(&self.request_id)
+                };
                 self.metrics
                     .call_finished(self.method, status.code(), elapsed);
-                tracing::info!(
-                    method = self.method,
-                    code = ?status.code(),
-                    elapsed_ms,
-                    "call"
-                );
                 Err(status)
             }
         }
+    }
+
+    /// The one log line of a call, in its span: the code as tonic names it (`Ok`,
+    /// `FailedPrecondition`), the time in milliseconds to the microsecond, and for a stream
+    /// the messages it sent.
+    fn log_line(&self, code: Code, elapsed: Duration, messages: Option<u64>) {
+        let _enter = self.span.enter();
+        let elapsed_ms = elapsed.as_micros() as f64 / 1000.0;
+        match messages {
+            None => tracing::info!(method = self.method, code = ?code, elapsed_ms, "call"),
+            Some(messages) => {
+                tracing::info!(method = self.method, code = ?code, elapsed_ms, messages, "stream ended")
+            }
+        }
+    }
+}
+
+/// A stream's log line, written once when tonic drops the stream: the client went away
+/// (`Cancelled`), or the stream ended with the code of its last message.
+pub(crate) struct StreamLog {
+    call: CallRecord,
+    messages: u64,
+    ended: Code,
+}
+
+impl StreamLog {
+    /// Notes a message on its way to the client.
+    pub(crate) fn sent<T>(&mut self, message: &Result<T, Status>) {
+        match message {
+            Ok(_) => self.messages += 1,
+            Err(status) => self.ended = status.code(),
+        }
+    }
+}
+
+impl Drop for StreamLog {
+    fn drop(&mut self) {
+        let elapsed = self.call.started.elapsed();
+        self.call.log_line(self.ended, elapsed, Some(self.messages));
     }
 }

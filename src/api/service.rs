@@ -48,8 +48,10 @@ impl JobSvc {
         Ok(caller)
     }
 
-    /// Runs a call's work: refused at once while the database is down, abandoned if it goes
-    /// down meanwhile, and (when `admit`) counted against the concurrency limit.
+    /// Runs an authenticated caller's work: refused at once while the database is down,
+    /// abandoned if it goes down meanwhile, and (when `admit`) counted against the concurrency
+    /// limit. Callers authenticate first (cheap, and cached): a call without a valid token
+    /// takes no admission place and learns nothing about the database.
     async fn guarded<T>(&self, admit: bool, work: impl Future<Output = Result<T>>) -> Result<T> {
         self.state.db_health.check()?;
         let _permit = match admit {
@@ -120,9 +122,9 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = CallRecord::start("CreateJob", &request, &self.state.metrics);
-        let result = self
-            .guarded(true, async {
-                let caller = self.authenticate(&request)?;
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(true, async {
                 let msg = request.into_inner();
                 let owner = convert::resolve_user(
                     &caller,
@@ -152,8 +154,10 @@ impl pb::job_service_server::JobService for JobSvc {
                 }
                 Ok(convert::job_to_pb(row.job))
             })
-            .instrument(call.span.clone())
-            .await;
+            .await
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -162,14 +166,16 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = CallRecord::start("GetJob", &request, &self.state.metrics);
-        let result = self
-            .guarded(true, async {
-                let caller = self.authenticate(&request)?;
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(true, async {
                 let id = convert::parse_uuid("id", &request.get_ref().id)?;
                 Ok(convert::job_to_pb(self.get(&caller, id).await?))
             })
-            .instrument(call.span.clone())
-            .await;
+            .await
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -178,9 +184,9 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::UpdateStatusRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = CallRecord::start("UpdateStatus", &request, &self.state.metrics);
-        let result = self
-            .guarded(true, async {
-                let caller = self.authenticate(&request)?;
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(true, async {
                 let msg = request.into_inner();
                 let change = StatusChange {
                     id: convert::parse_uuid("id", &msg.id)?,
@@ -196,8 +202,10 @@ impl pb::job_service_server::JobService for JobSvc {
                     self.apply_change(&caller, change).await?,
                 ))
             })
-            .instrument(call.span.clone())
-            .await;
+            .await
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -206,9 +214,9 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = CallRecord::start("CancelJob", &request, &self.state.metrics);
-        let result = self
-            .guarded(true, async {
-                let caller = self.authenticate(&request)?;
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(true, async {
                 let change = StatusChange {
                     id: convert::parse_uuid("id", &request.get_ref().id)?,
                     target: JobStatus::Cancelled,
@@ -220,8 +228,10 @@ impl pb::job_service_server::JobService for JobSvc {
                     self.apply_change(&caller, change).await?,
                 ))
             })
-            .instrument(call.span.clone())
-            .await;
+            .await
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -230,9 +240,9 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::WaitJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let call = CallRecord::start("WaitJob", &request, &self.state.metrics);
-        let result = self
-            .guarded(false, async {
-                let caller = self.authenticate(&request)?;
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(false, async {
                 let msg = request.into_inner();
                 let id = convert::parse_uuid("id", &msg.id)?;
                 let timeout = match msg.timeout {
@@ -240,6 +250,8 @@ impl pb::job_service_server::JobService for JobSvc {
                     Some(d) => convert::parse_duration("timeout", d)?.min(WAIT_MAX),
                 };
                 let deadline = tokio::time::Instant::now() + timeout;
+                let expires = tokio::time::Instant::now() + caller.valid_for();
+                let _waiting = self.state.caller_limits.waits.enter(&caller)?;
                 // Subscribe before the first read, so a change between the two is not missed.
                 let (mut changes, _) = self.state.feed.subscribe(WatchFilter {
                     job_ids: [id].into(),
@@ -249,10 +261,17 @@ impl pb::job_service_server::JobService for JobSvc {
                 loop {
                     let job = self.get(&caller, id).await?;
                     let now = tokio::time::Instant::now();
-                    if job.status.is_terminal() || now >= deadline || *shutdown.borrow() {
+                    if job.status.is_terminal() {
                         return Ok(convert::job_to_pb(job));
                     }
-                    let wake = (now + WAIT_REREAD_INTERVAL).min(deadline);
+                    // A wait outlives neither the caller's token nor its timeout.
+                    if now >= expires {
+                        return Err(Error::token_expired());
+                    }
+                    if now >= deadline || *shutdown.borrow() {
+                        return Ok(convert::job_to_pb(job));
+                    }
+                    let wake = (now + WAIT_REREAD_INTERVAL).min(deadline).min(expires);
                     tokio::select! {
                         _ = wait_for_change(&mut changes) => {}
                         _ = tokio::time::sleep_until(wake) => {}
@@ -260,8 +279,10 @@ impl pb::job_service_server::JobService for JobSvc {
                     }
                 }
             })
-            .instrument(call.span.clone())
-            .await;
+            .await
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -270,9 +291,9 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let call = CallRecord::start("ListJobs", &request, &self.state.metrics);
-        let result = self
-            .guarded(true, async {
-                let caller = self.authenticate(&request)?;
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(true, async {
                 let mut msg = request.into_inner();
                 let page_size = convert::page_size(msg.page_size)?;
                 let page_token = std::mem::take(&mut msg.page_token);
@@ -309,8 +330,10 @@ impl pb::job_service_server::JobService for JobSvc {
                     next_page_token,
                 })
             })
-            .instrument(call.span.clone())
-            .await;
+            .await
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -319,9 +342,9 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::ListJobEventsRequest>,
     ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
         let call = CallRecord::start("ListJobEvents", &request, &self.state.metrics);
-        let result = self
-            .guarded(true, async {
-                let caller = self.authenticate(&request)?;
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(true, async {
                 let msg = request.into_inner();
                 let job_id = convert::parse_uuid("job_id", &msg.job_id)?;
                 let page_size = convert::page_size(msg.page_size)?;
@@ -362,8 +385,10 @@ impl pb::job_service_server::JobService for JobSvc {
                     next_page_token,
                 })
             })
-            .instrument(call.span.clone())
-            .await;
+            .await
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 
@@ -375,9 +400,9 @@ impl pb::job_service_server::JobService for JobSvc {
     ) -> Result<Response<Self::StreamJobUpdatesStream>, Status> {
         let call = CallRecord::start("StreamJobUpdates", &request, &self.state.metrics);
         let request_id = call.request_id.clone();
-        let result = self
-            .guarded(false, async {
-                let caller = self.authenticate(&request)?;
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(false, async {
                 let msg = request.into_inner();
                 let filter = convert::watch_filter(&caller, &msg)?;
                 // A resume token wins over include_existing: a client may send the same request
@@ -386,15 +411,18 @@ impl pb::job_service_server::JobService for JobSvc {
                     "" if msg.include_existing => Start::Existing,
                     "" => Start::Now,
                     token => {
-                        let (at, skip) = self.state.tokens.open_resume_token(token)?;
+                        let (at, skip) = self.state.tokens.open_resume_token(token, &caller)?;
                         follow::check_resumable(&self.state.pool, at).await?;
                         Start::Resume(at, skip)
                     }
                 };
+                let open = self.state.caller_limits.streams.enter(&caller)?;
                 let deliveries = StreamTask {
                     pool: self.state.pool.clone(),
                     database_url: self.state.database_url.clone(),
                     snapshot_slots: self.state.snapshot_slots.clone(),
+                    snapshots_per_caller: self.state.caller_limits.snapshots.clone(),
+                    catch_up_slots: self.state.catch_up_slots.clone(),
                     feed: self.state.feed.clone(),
                     caller,
                     filter,
@@ -403,18 +431,26 @@ impl pb::job_service_server::JobService for JobSvc {
                     shutdown: self.state.shutdown.clone(),
                     request_id: request_id.clone(),
                 }
-                .start(GaugeGuard::new(&self.state.metrics.open_streams))
+                .start(GaugeGuard::new(&self.state.metrics.open_streams), open)
                 .await?;
                 let state = self.state.clone();
                 let updates = ReceiverStream::new(deliveries).map(move |d| match d {
-                    Ok(d) => Ok(convert::delivery_to_pb(*d, &state.tokens)),
+                    Ok(d) => Ok(convert::delivery_to_pb(*d, &state.tokens, &caller)),
                     Err(e) => Err(e.into_status(&request_id)),
                 });
-                Ok(Box::pin(updates) as UpdateStream)
+                Ok(updates)
             })
-            .instrument(call.span.clone())
-            .await;
-        call.finish(result)
+            .await
+        }
+        .instrument(call.span.clone())
+        .await;
+        let (response, mut log) = call.finish_stream(result)?;
+        Ok(response.map(|updates| {
+            Box::pin(updates.map(move |update| {
+                log.sent(&update);
+                update
+            })) as UpdateStream
+        }))
     }
 
     async fn get_stats(
@@ -422,9 +458,9 @@ impl pb::job_service_server::JobService for JobSvc {
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::JobStats>, Status> {
         let call = CallRecord::start("GetStats", &request, &self.state.metrics);
-        let result = self
-            .guarded(true, async {
-                let caller = self.authenticate(&request)?;
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(true, async {
                 let msg = request.into_inner();
                 let user = convert::resolve_user(
                     &caller,
@@ -439,8 +475,10 @@ impl pb::job_service_server::JobService for JobSvc {
                 let (counts, oldest) = db.finish(figures).await?;
                 Ok(convert::stats_to_pb(counts, oldest))
             })
-            .instrument(call.span.clone())
-            .await;
+            .await
+        }
+        .instrument(call.span.clone())
+        .await;
         call.finish(result)
     }
 }

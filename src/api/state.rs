@@ -13,6 +13,7 @@ use crate::db::PgPool;
 use crate::db::batch::{Creates, Updates};
 use crate::db::health::DbHealth;
 use crate::feed::Feed;
+use crate::feed::limits::CallerLimits;
 use crate::metrics::Metrics;
 
 /// Everything a call needs, shared by all calls.
@@ -32,6 +33,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Bounds the connections that `include_existing` snapshots open outside the pool.
     pub snapshot_slots: Arc<tokio::sync::Semaphore>,
+    /// Bounds the catch-up reads of streams running at once.
+    pub catch_up_slots: Arc<tokio::sync::Semaphore>,
+    /// What one caller, and all together, may hold open: streams, waits, snapshots.
+    pub caller_limits: CallerLimits,
     /// Tests only: answers some committed writes as if the response had been lost.
     pub lost_responses: Option<LostResponses>,
     /// Whether the database answers: calls fail fast while it does not.

@@ -4,7 +4,9 @@
 //! A token is `base64url(payload || tag)`, where the tag is HMAC-SHA256 over the payload with
 //! a key derived from the JWT secret (so every replica sharing the secret accepts the others'
 //! tokens), truncated to 16 bytes. The payload starts with a kind byte, so a token of one kind
-//! never parses as another.
+//! never parses as another. Page tokens carry the time they were issued and expire after
+//! [`PAGE_TOKEN_TTL`]; resume tokens carry the caller's scope (the user, or the service role),
+//! so a token taken from one user's stream is refused on another's.
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
@@ -12,23 +14,29 @@ use hmac::{KeyInit, Mac};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::domain::{PageCursor, Position, Snapshot};
+use crate::domain::{Caller, PageCursor, Position, Role, Snapshot};
 use crate::error::{Error, Result};
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
 const TAG_LEN: usize = 16;
-const KIND_PAGE: u8 = 1;
-const KIND_RESUME: u8 = 2;
-const KIND_EVENTS_PAGE: u8 = 3;
-const KIND_RESUME_SNAPSHOT: u8 = 4;
+// Kinds 1 to 4 were the first round's formats (no expiry, no scope); they are refused.
+const KIND_RESUME: u8 = 5;
+const KIND_RESUME_SNAPSHOT: u8 = 6;
+const KIND_PAGE: u8 = 7;
+const KIND_EVENTS_PAGE: u8 = 8;
 /// A resume token carries at most this many in-progress xids of its snapshot; a larger
 /// snapshot (rare: that many concurrent writers) is left out, and resuming may then repeat
 /// changes the stream's snapshot already showed (at least once, as the contract allows).
 const MAX_SNAPSHOT_XIDS: usize = 64;
-/// Longest token accepted before decoding anything (a page token is 76 characters, a resume
-/// token with a full snapshot about 770).
+/// Longest token accepted before decoding anything (a page token is 87 characters, a resume
+/// token with a full snapshot about 790).
 const MAX_TOKEN_CHARS: usize = 1024;
+/// Page tokens (ListJobs, ListJobEvents) are refused this long after they were issued.
+pub(crate) const PAGE_TOKEN_TTL_SECS: i64 = 24 * 3600;
+/// The bytes that bind a resume token to its caller: a tag, then the user's id (zeros for the
+/// service role).
+const SCOPE_LEN: usize = 17;
 
 /// Signs and verifies tokens.
 #[derive(Clone)]
@@ -44,6 +52,25 @@ pub(crate) fn fingerprint(canonical: &[u8]) -> Fingerprint {
     let mut out = [0u8; 16];
     out.copy_from_slice(&digest[..16]);
     out
+}
+
+/// Whose stream a resume token belongs to.
+fn scope(caller: &Caller) -> [u8; SCOPE_LEN] {
+    let mut out = [0u8; SCOPE_LEN];
+    if let Role::User(user) = caller.role() {
+        out[0] = 1;
+        out[1..].copy_from_slice(user.as_bytes());
+    }
+    out
+}
+
+/// Reads big-endian words out of a payload.
+struct Words<'a>(&'a [u8]);
+
+impl Words<'_> {
+    fn i64_at(&self, i: usize) -> Option<i64> {
+        Some(i64::from_be_bytes(self.0.get(i..i + 8)?.try_into().ok()?))
+    }
 }
 
 impl TokenKey {
@@ -84,15 +111,20 @@ impl TokenKey {
     }
 
     pub(crate) fn page_token(&self, filter: &Fingerprint, cursor: PageCursor) -> String {
-        let mut payload = Vec::with_capacity(41);
+        self.page_token_issued(filter, cursor, Utc::now().timestamp())
+    }
+
+    fn page_token_issued(&self, filter: &Fingerprint, cursor: PageCursor, issued: i64) -> String {
+        let mut payload = Vec::with_capacity(49);
         payload.push(KIND_PAGE);
         payload.extend_from_slice(filter);
         payload.extend_from_slice(&cursor.created_at.timestamp_micros().to_be_bytes());
         payload.extend_from_slice(cursor.id.as_bytes());
+        payload.extend_from_slice(&issued.to_be_bytes());
         self.seal(&payload)
     }
 
-    /// The cursor of a page token, checked against the filter it is used with.
+    /// The cursor of a page token, checked against the filter it is used with and its age.
     pub(crate) fn open_page_token(&self, token: &str, filter: &Fingerprint) -> Result<PageCursor> {
         let invalid = || {
             Error::invalid(
@@ -102,7 +134,7 @@ impl TokenKey {
             )
         };
         let payload = self.open(token).ok_or_else(invalid)?;
-        if payload.len() != 41 || payload[0] != KIND_PAGE {
+        if payload.len() != 49 || payload[0] != KIND_PAGE {
             return Err(invalid());
         }
         if payload[1..17] != filter[..] {
@@ -112,80 +144,94 @@ impl TokenKey {
                 "page_token was issued for a different filter; send the same filter fields as the first page",
             ));
         }
-        let micros = i64::from_be_bytes(payload[17..25].try_into().expect("8 bytes"));
+        let words = Words(&payload);
+        check_age(words.i64_at(41).ok_or_else(invalid)?)?;
+        let micros = words.i64_at(17).ok_or_else(invalid)?;
         let created_at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(invalid)?;
         let id = Uuid::from_slice(&payload[25..41]).map_err(|_| invalid())?;
         Ok(PageCursor { created_at, id })
     }
 
-    /// A stream position as a resume token.
-    pub fn resume_token(&self, at: Position) -> String {
-        let mut payload = Vec::with_capacity(17);
-        payload.push(KIND_RESUME);
-        payload.extend_from_slice(&at.xid.to_be_bytes());
-        payload.extend_from_slice(&at.seq.to_be_bytes());
-        self.seal(&payload)
+    /// A stream position as `caller`'s resume token.
+    pub fn resume_token(&self, caller: &Caller, at: Position) -> String {
+        self.resume_token_with_skip(caller, at, None)
     }
 
     /// A stream position plus the snapshot whose changes the stream already showed (its
     /// initial jobs, or "now"), while that still matters: resuming skips them too.
-    pub(crate) fn resume_token_with_skip(&self, at: Position, skip: Option<&Snapshot>) -> String {
-        let Some(s) = skip.filter(|s| s.in_progress.len() <= MAX_SNAPSHOT_XIDS) else {
-            return self.resume_token(at);
-        };
-        let mut payload = Vec::with_capacity(35 + 8 * s.in_progress.len());
-        payload.push(KIND_RESUME_SNAPSHOT);
-        for v in [at.xid, at.seq, s.xmin, s.xmax] {
+    pub(crate) fn resume_token_with_skip(
+        &self,
+        caller: &Caller,
+        at: Position,
+        skip: Option<&Snapshot>,
+    ) -> String {
+        let skip = skip.filter(|s| s.in_progress.len() <= MAX_SNAPSHOT_XIDS);
+        let mut payload = Vec::with_capacity(
+            1 + SCOPE_LEN + 16 + skip.map_or(0, |s| 18 + 8 * s.in_progress.len()),
+        );
+        payload.push(match skip {
+            None => KIND_RESUME,
+            Some(_) => KIND_RESUME_SNAPSHOT,
+        });
+        payload.extend_from_slice(&scope(caller));
+        for v in [at.xid, at.seq] {
             payload.extend_from_slice(&v.to_be_bytes());
         }
-        payload.extend_from_slice(&(s.in_progress.len() as u16).to_be_bytes());
-        for x in &s.in_progress {
-            payload.extend_from_slice(&x.to_be_bytes());
+        if let Some(s) = skip {
+            for v in [s.xmin, s.xmax] {
+                payload.extend_from_slice(&v.to_be_bytes());
+            }
+            payload.extend_from_slice(&(s.in_progress.len() as u16).to_be_bytes());
+            for x in &s.in_progress {
+                payload.extend_from_slice(&x.to_be_bytes());
+            }
         }
         self.seal(&payload)
     }
 
-    /// The position of a resume token, and the snapshot to keep skipping if it carries one
-    /// (not yet checked against the pruned history).
-    pub(crate) fn open_resume_token(&self, token: &str) -> Result<(Position, Option<Snapshot>)> {
+    /// The position of `caller`'s resume token, and the snapshot to keep skipping if it
+    /// carries one (not yet checked against the pruned history).
+    pub(crate) fn open_resume_token(
+        &self,
+        token: &str,
+        caller: &Caller,
+    ) -> Result<(Position, Option<Snapshot>)> {
         let invalid = || {
             Error::invalid(
                 "resume_token",
                 "INVALID_RESUME_TOKEN",
-                "resume_token is not a token this service issued; start again without one",
+                "resume_token is not a token this service issued to this caller; start again without one",
             )
         };
         let payload = self.open(token).ok_or_else(invalid)?;
-        let word = |i: usize| -> Option<i64> {
-            Some(i64::from_be_bytes(payload.get(i..i + 8)?.try_into().ok()?))
+        let kind = payload.first().copied();
+        if !matches!(kind, Some(KIND_RESUME | KIND_RESUME_SNAPSHOT))
+            || payload.get(1..1 + SCOPE_LEN) != Some(&scope(caller)[..])
+        {
+            return Err(invalid());
+        }
+        let words = Words(&payload);
+        let base = 1 + SCOPE_LEN;
+        let at = Position {
+            xid: words.i64_at(base).ok_or_else(invalid)?,
+            seq: words.i64_at(base + 8).ok_or_else(invalid)?,
         };
-        let (at, skip) = match payload.first() {
-            Some(&KIND_RESUME) if payload.len() == 17 => (
-                Position {
-                    xid: word(1).ok_or_else(invalid)?,
-                    seq: word(9).ok_or_else(invalid)?,
-                },
-                None,
-            ),
-            Some(&KIND_RESUME_SNAPSHOT) if payload.len() >= 35 => {
-                let n = u16::from_be_bytes([payload[33], payload[34]]) as usize;
-                if n > MAX_SNAPSHOT_XIDS || payload.len() != 35 + 8 * n {
+        let skip = match kind {
+            Some(KIND_RESUME) if payload.len() == base + 16 => None,
+            Some(KIND_RESUME_SNAPSHOT) if payload.len() >= base + 34 => {
+                let n = u16::from_be_bytes([payload[base + 32], payload[base + 33]]) as usize;
+                if n > MAX_SNAPSHOT_XIDS || payload.len() != base + 34 + 8 * n {
                     return Err(invalid());
                 }
                 let in_progress = (0..n)
-                    .map(|k| word(35 + 8 * k))
+                    .map(|k| words.i64_at(base + 34 + 8 * k))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(invalid)?;
-                let snapshot = Snapshot {
-                    xmin: word(17).ok_or_else(invalid)?,
-                    xmax: word(25).ok_or_else(invalid)?,
+                Some(Snapshot {
+                    xmin: words.i64_at(base + 16).ok_or_else(invalid)?,
+                    xmax: words.i64_at(base + 24).ok_or_else(invalid)?,
                     in_progress,
-                };
-                let at = Position {
-                    xid: word(1).ok_or_else(invalid)?,
-                    seq: word(9).ok_or_else(invalid)?,
-                };
-                (at, Some(snapshot))
+                })
             }
             _ => return Err(invalid()),
         };
@@ -197,14 +243,20 @@ impl TokenKey {
 
     /// A ListJobEvents page token: the job it belongs to and the last version returned.
     pub(crate) fn events_page_token(&self, job_id: Uuid, version: i64) -> String {
-        let mut payload = Vec::with_capacity(25);
+        self.events_page_token_issued(job_id, version, Utc::now().timestamp())
+    }
+
+    fn events_page_token_issued(&self, job_id: Uuid, version: i64, issued: i64) -> String {
+        let mut payload = Vec::with_capacity(33);
         payload.push(KIND_EVENTS_PAGE);
         payload.extend_from_slice(job_id.as_bytes());
         payload.extend_from_slice(&version.to_be_bytes());
+        payload.extend_from_slice(&issued.to_be_bytes());
         self.seal(&payload)
     }
 
-    /// The last version of a ListJobEvents page token, checked against the job it is used for.
+    /// The last version of a ListJobEvents page token, checked against the job it is used for
+    /// and its age.
     pub(crate) fn open_events_page_token(&self, token: &str, job_id: Uuid) -> Result<i64> {
         let invalid = || {
             Error::invalid(
@@ -214,21 +266,42 @@ impl TokenKey {
             )
         };
         let payload = self.open(token).ok_or_else(invalid)?;
-        if payload.len() != 25
+        if payload.len() != 33
             || payload[0] != KIND_EVENTS_PAGE
             || payload[1..17] != job_id.as_bytes()[..]
         {
             return Err(invalid());
         }
-        Ok(i64::from_be_bytes(
-            payload[17..25].try_into().expect("8 bytes"),
-        ))
+        let words = Words(&payload);
+        check_age(words.i64_at(25).ok_or_else(invalid)?)?;
+        words.i64_at(17).ok_or_else(invalid)
     }
+}
+
+/// A page token older than [`PAGE_TOKEN_TTL_SECS`] (or issued in the future) is refused.
+fn check_age(issued: i64) -> Result<()> {
+    let age = Utc::now().timestamp().saturating_sub(issued);
+    if !(-60..=PAGE_TOKEN_TTL_SECS).contains(&age) {
+        return Err(Error::invalid(
+            "page_token",
+            "PAGE_TOKEN_EXPIRED",
+            "page_token has expired (page tokens last 24 hours); start again with an empty page_token",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service() -> Caller {
+        Caller::new(Role::Service, i64::MAX)
+    }
+
+    fn user(id: Uuid) -> Caller {
+        Caller::new(Role::User(id), i64::MAX)
+    }
 
     #[test]
     fn page_tokens_round_trip_and_refuse_tampering() {
@@ -275,16 +348,17 @@ mod tests {
             xid: 123_456,
             seq: 789,
         };
-        let token = key.resume_token(at);
-        assert_eq!(key.open_resume_token(&token).unwrap(), (at, None));
+        let me = service();
+        let token = key.resume_token(&me, at);
+        assert_eq!(key.open_resume_token(&token, &me).unwrap(), (at, None));
         let snap = Snapshot {
             xmin: 100,
             xmax: 120,
             in_progress: vec![101, 117],
         };
-        let with = key.resume_token_with_skip(at, Some(&snap));
+        let with = key.resume_token_with_skip(&me, at, Some(&snap));
         assert_eq!(
-            key.open_resume_token(&with).unwrap(),
+            key.open_resume_token(&with, &me).unwrap(),
             (at, Some(snap.clone()))
         );
         let big = Snapshot {
@@ -293,7 +367,7 @@ mod tests {
         };
         // Too many in-progress xids: the token falls back to the plain position.
         assert_eq!(
-            key.open_resume_token(&key.resume_token_with_skip(at, Some(&big)))
+            key.open_resume_token(&key.resume_token_with_skip(&me, at, Some(&big)), &me)
                 .unwrap(),
             (at, None)
         );
@@ -302,7 +376,7 @@ mod tests {
         assert_eq!(key.open_events_page_token(&page, job).unwrap(), 7);
         // Kinds never cross, and a page token is bound to its job.
         assert_eq!(
-            key.open_resume_token(&page).unwrap_err().reason(),
+            key.open_resume_token(&page, &me).unwrap_err().reason(),
             "INVALID_RESUME_TOKEN"
         );
         assert!(key.open_events_page_token(&token, job).is_err());
@@ -311,9 +385,70 @@ mod tests {
         assert!(key.open_page_token(&token, &f).is_err());
         for junk in ["", "x", &"A".repeat(600)] {
             assert_eq!(
-                key.open_resume_token(junk).unwrap_err().reason(),
+                key.open_resume_token(junk, &me).unwrap_err().reason(),
                 "INVALID_RESUME_TOKEN"
             );
+        }
+    }
+
+    /// A resume token is its caller's: another user, the service role, or a user for the
+    /// service's token are all refused, with or without a snapshot.
+    #[test]
+    fn resume_tokens_are_bound_to_their_caller() {
+        let key = TokenKey::derive(b"secret-secret-secret-secret-secret");
+        let at = Position { xid: 10, seq: 2 };
+        let (alice, bob) = (user(Uuid::new_v4()), user(Uuid::new_v4()));
+        let nil_user = user(Uuid::nil());
+        let snap = Snapshot {
+            xmin: 1,
+            xmax: 9,
+            in_progress: vec![3],
+        };
+        for owner in [alice, bob, service(), nil_user] {
+            for token in [
+                key.resume_token(&owner, at),
+                key.resume_token_with_skip(&owner, at, Some(&snap)),
+            ] {
+                for other in [alice, bob, service(), nil_user] {
+                    let opened = key.open_resume_token(&token, &other);
+                    if other == owner {
+                        assert_eq!(opened.unwrap().0, at);
+                    } else {
+                        assert_eq!(opened.unwrap_err().reason(), "INVALID_RESUME_TOKEN");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Page tokens last 24 hours, for ListJobs and ListJobEvents alike.
+    #[test]
+    fn page_tokens_expire_after_a_day() {
+        let key = TokenKey::derive(b"secret-secret-secret-secret-secret");
+        let f = fingerprint(b"filter");
+        let cursor = PageCursor {
+            created_at: DateTime::from_timestamp_micros(1_764_000_000_123_456).unwrap(),
+            id: Uuid::new_v4(),
+        };
+        let now = Utc::now().timestamp();
+        let job = Uuid::new_v4();
+        for (issued, fresh) in [
+            (now - 10, true),
+            (now - PAGE_TOKEN_TTL_SECS + 60, true),
+            (now - PAGE_TOKEN_TTL_SECS - 1, false),
+            (now - 30 * 24 * 3600, false),
+            (now + 3600, false),
+        ] {
+            let page = key.open_page_token(&key.page_token_issued(&f, cursor, issued), &f);
+            let events =
+                key.open_events_page_token(&key.events_page_token_issued(job, 3, issued), job);
+            if fresh {
+                assert_eq!(page.unwrap(), cursor);
+                assert_eq!(events.unwrap(), 3);
+            } else {
+                assert_eq!(page.unwrap_err().reason(), "PAGE_TOKEN_EXPIRED");
+                assert_eq!(events.unwrap_err().reason(), "PAGE_TOKEN_EXPIRED");
+            }
         }
     }
 
@@ -331,7 +466,7 @@ mod tests {
                 let job = Uuid::nil();
                 for t in [s, URL_SAFE_NO_PAD.encode(&bytes)] {
                     prop_assert!(key.open_page_token(&t, &f).is_err());
-                    prop_assert!(key.open_resume_token(&t).is_err());
+                    prop_assert!(key.open_resume_token(&t, &service()).is_err());
                     prop_assert!(key.open_events_page_token(&t, job).is_err());
                 }
             }
@@ -343,7 +478,7 @@ mod tests {
                 let key = TokenKey::derive(b"secret-secret-secret-secret-secret");
                 let at = Position { xid, seq };
                 let snap = Snapshot { xmin, xmax, in_progress: xips };
-                let (got, skip) = key.open_resume_token(&key.resume_token_with_skip(at, Some(&snap))).unwrap();
+                let (got, skip) = key.open_resume_token(&key.resume_token_with_skip(&service(), at, Some(&snap)), &service()).unwrap();
                 prop_assert_eq!(got, at);
                 if snap.in_progress.len() <= MAX_SNAPSHOT_XIDS {
                     prop_assert_eq!(skip, Some(snap));

@@ -82,10 +82,15 @@ pub enum LogFormat {
 /// Where the JWT secret and the embedded database live; shared by `serve` and `token`.
 #[derive(Debug, Clone, Args)]
 pub struct SecretArgs {
-    /// HS256 secret that signs caller tokens. Without it (and without DATABASE_URL) a secret is
-    /// generated once and kept in the data directory.
+    /// HS256 secret that signs caller tokens, at least 32 bytes. Without it (and without
+    /// DATABASE_URL) a secret is generated once and kept in the data directory. Prefer the
+    /// environment or --jwt-secret-file: a command-line flag shows in the process list.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// A file holding the HS256 secret (at least 32 bytes; surrounding whitespace ignored).
+    #[arg(long, env = "JOBSVC_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
+    pub jwt_secret_file: Option<PathBuf>,
 
     /// Directory for the embedded PostgreSQL and the generated secret.
     #[arg(long, env = "JOBSVC_DATA_DIR", default_value = ".jobsvc")]
@@ -191,8 +196,10 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBSVC_RETENTION_INTERVAL", default_value = "10m", value_parser = parse_positive)]
     pub retention_interval: Duration,
 
-    /// Serve Prometheus metrics (text format) on this address; off when unset.
-    #[arg(long, env = "JOBSVC_METRICS_LISTEN")]
+    /// Serve Prometheus metrics (text format, at /metrics) on this address; off when unset. A
+    /// bare port (`9464`) binds 127.0.0.1: other hosts reach the metrics only when the
+    /// address says so (`0.0.0.0:9464`).
+    #[arg(long, env = "JOBSVC_METRICS_LISTEN", value_parser = parse_listen)]
     pub metrics_listen: Option<SocketAddr>,
 
     /// Database calls slower than this are logged as warnings and counted.
@@ -241,6 +248,28 @@ pub struct ServeArgs {
         hide = true
     )]
     pub stream_queue_events: usize,
+
+    /// StreamJobUpdates streams one user may hold open at once (RESOURCE_EXHAUSTED
+    /// TOO_MANY_STREAMS past it). The service role is bounded by --max-streams only.
+    #[arg(long, env = "JOBSVC_MAX_STREAMS_PER_USER", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_user: u32,
+
+    /// StreamJobUpdates streams open at once on this server, all callers together.
+    #[arg(long, env = "JOBSVC_MAX_STREAMS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams: u32,
+
+    /// WaitJob calls one user may have waiting at once.
+    #[arg(long, env = "JOBSVC_MAX_WAITS_PER_USER", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waits_per_user: u32,
+
+    /// WaitJob calls waiting at once on this server, all callers together.
+    #[arg(long, env = "JOBSVC_MAX_WAITS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waits: u32,
+
+    /// Streams of one user reading their `include_existing` snapshot at once (the server
+    /// reads at most 16 at once in all).
+    #[arg(long, env = "JOBSVC_MAX_SNAPSHOTS_PER_USER", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_snapshots_per_user: u32,
 }
 
 impl ServeArgs {
@@ -297,6 +326,15 @@ fn parse_leeway(s: &str) -> Result<Duration, String> {
         return Err("the leeway is at most 60s".into());
     }
     Ok(d)
+}
+
+/// `host:port`, or a bare port on 127.0.0.1.
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is not host:port (or a bare port, on 127.0.0.1)"))
 }
 
 fn parse_positive(s: &str) -> Result<Duration, String> {

@@ -41,16 +41,9 @@ pub async fn serve(
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let service = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                let body = metrics.render();
-                async move {
-                    http::Response::builder()
-                        .header(
-                            "content-type",
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )
-                        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-                }
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let answer = answer(&req, &metrics);
+                async move { answer }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -63,6 +56,38 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// `GET /metrics` (or `HEAD`) gets the metrics; any other path is 404 and any other method 405,
+/// so the port serves nothing else by accident.
+fn answer(
+    req: &http::Request<hyper::body::Incoming>,
+    metrics: &Metrics,
+) -> http::Result<http::Response<http_body_util::Full<hyper::body::Bytes>>> {
+    use http::{Method, StatusCode};
+    let plain = |status: StatusCode, text: &'static str| {
+        http::Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(text)))
+    };
+    if req.uri().path() != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found: the metrics are at /metrics\n",
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET /metrics\n");
+    }
+    http::Response::builder()
+        .header(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(
+            metrics.render(),
+        )))
 }
 
 /// Binds the metrics port (so a bad address fails at start, not later).

@@ -20,6 +20,7 @@ use crate::db;
 use crate::db::batch::{Creates, Updates};
 use crate::db::health::DbHealth;
 use crate::feed::follow;
+use crate::feed::limits::{CallerLimits, Limit};
 use crate::feed::{Feed, FeedConfig};
 use crate::metrics::Metrics;
 use crate::tasks;
@@ -30,21 +31,25 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     let mut embedded = None;
     let (database_url, secret) = match &args.database_url {
         Some(url) => {
-            if args.secret.jwt_secret.is_none() {
+            if args.secret.jwt_secret.is_none() && args.secret.jwt_secret_file.is_none() {
                 return Err(
-                    "JWT_SECRET is required with DATABASE_URL (replicas must share it)".into(),
+                    "JWT_SECRET (or --jwt-secret-file) is required with DATABASE_URL \
+                            (replicas must share it)"
+                        .into(),
                 );
             }
             (url.clone(), secret::secret(&args.secret, false)?)
         }
         None => {
+            // The secret first: a bad one stops the start before anything runs.
+            let secret = secret::secret(&args.secret, true)?;
             let pg = EmbeddedPg::init(&args.secret.data_dir, PgOptions::default())?;
             pg.start().await?;
             pg.ensure_database(EMBEDDED_DB).await?;
             tracing::info!(socket_dir = %pg.socket_dir().display(), "private PostgreSQL running");
             let url = pg.url(EMBEDDED_DB);
             embedded = Some(pg);
-            (url, secret::secret(&args.secret, true)?)
+            (url, secret)
         }
     };
 
@@ -135,6 +140,27 @@ async fn start(
         stream_heartbeat: args.stream_heartbeat,
         metrics: metrics.clone(),
         snapshot_slots: Arc::new(tokio::sync::Semaphore::new(follow::SNAPSHOT_CONNECTIONS)),
+        catch_up_slots: Arc::new(tokio::sync::Semaphore::new(follow::CATCH_UP_CONCURRENCY)),
+        caller_limits: CallerLimits {
+            streams: Limit::new(
+                "open streams",
+                "--max-streams-per-user",
+                args.max_streams_per_user as usize,
+                args.max_streams as usize,
+            ),
+            waits: Limit::new(
+                "waiting WaitJob calls",
+                "--max-waits-per-user",
+                args.max_waits_per_user as usize,
+                args.max_waits as usize,
+            ),
+            snapshots: Limit::new(
+                "streams reading their existing jobs",
+                "--max-snapshots-per-user",
+                args.max_snapshots_per_user as usize,
+                follow::SNAPSHOT_CONNECTIONS,
+            ),
+        },
         creates: Creates::start(
             pool.clone(),
             batch_workers(args.create_batch_workers, args.pool_size),

@@ -15,7 +15,7 @@
 //! May import: [`crate::domain`], [`crate::error`], [`crate::metrics`]. Never the API, the
 //! feed, the tasks or the app: they call down into this, never the reverse.
 pub(crate) mod batch;
-pub(crate) mod events;
+pub mod events;
 pub(crate) mod health;
 pub mod jobs;
 pub(crate) mod maintenance;
@@ -31,4 +31,4 @@ pub use pool::{
     MAX_IDLE, MIGRATIONS, PgConn, PgPool, connect, connect_named, migrate, pool, retire_idle,
 };
 pub use prepared::PreparedExt;
-pub use scoped::{Plans, Scoped, scoped, scoped_with_plans, snapshot_begin_sql};
+pub use scoped::{Plans, Scoped, scoped, scoped_read, scoped_with_plans, snapshot_begin_sql};

@@ -1,6 +1,7 @@
 //! The one way to run statements on behalf of a caller: a connection from the pool, scoped to
 //! the caller's row-level-security context, with its transaction and its slow-call report.
 use std::sync::Arc;
+use std::time::Duration;
 
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 
@@ -83,16 +84,38 @@ async fn begin_scoped(pool: &PgPool, caller: &Caller, plans: Option<Plans>) -> R
         (Role::User(user), None) => Some(rls_begin_sql(user)),
         (Role::User(user), Some(plans)) => Some(format!("{}{plans}", rls_begin_sql(user))),
     };
-    Ok(Scoped {
-        conn: Some(conn),
-        begin,
-        open: false,
-        started: std::time::Instant::now(),
-        slow: pool.slow_calls(),
-    })
+    Ok(Scoped::new(pool, conn, begin))
+}
+
+/// A read-only transaction on behalf of `caller` (with the PostgREST-style settings for a
+/// user, so row-level security backs up the statement's own filters) whose statements are
+/// cancelled by the server after `timeout`: for reads whose cost a caller chooses, such as a
+/// stream catching up from an old resume token.
+pub async fn scoped_read(pool: &PgPool, caller: &Caller, timeout: Duration) -> Result<Scoped> {
+    let conn = pool.get().await?;
+    let begin = match caller.role() {
+        Role::Service => "BEGIN".to_owned(),
+        Role::User(user) => rls_begin_sql(user),
+    };
+    let begin = format!(
+        "{}; SET LOCAL statement_timeout = {}",
+        begin.replacen("BEGIN", "BEGIN READ ONLY", 1),
+        timeout.as_millis().max(1)
+    );
+    Ok(Scoped::new(pool, conn, Some(begin)))
 }
 
 impl Scoped {
+    fn new(pool: &PgPool, conn: PgConn, begin: Option<String>) -> Self {
+        Scoped {
+            conn: Some(conn),
+            begin,
+            open: false,
+            started: std::time::Instant::now(),
+            slow: pool.slow_calls(),
+        }
+    }
+
     /// Runs `statements` on the connection. The first time, the caller's `BEGIN` and settings
     /// are sent in the same flight as the first statement instead of a round trip ahead of it:
     /// for a user's call that is two round trips instead of three.

@@ -46,6 +46,17 @@ impl Caller {
         self.expires_at
     }
 
+    /// How long from now the caller's token stays valid (at most a year: a token without a
+    /// practical expiry never ends a call).
+    pub fn valid_for(&self) -> std::time::Duration {
+        let now = chrono::Utc::now().timestamp();
+        let secs = self
+            .expires_at
+            .saturating_sub(now)
+            .clamp(0, 365 * 24 * 3600);
+        std::time::Duration::from_secs(secs as u64)
+    }
+
     pub fn role_name(&self) -> &'static str {
         match self.role {
             Role::Service => "service_role",

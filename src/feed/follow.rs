@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use super::event::Event;
 use super::hub::Feed;
+use super::limits::{Limit, Slot};
 use super::reader::READ_LIMIT;
 use super::registry::Subscription;
 use crate::db::events;
@@ -45,6 +46,14 @@ const SNAPSHOT_STALL: Duration = Duration::from_secs(30);
 const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Jobs per statement of the initial snapshot.
 const SNAPSHOT_PAGE: i64 = 500;
+/// The longest a stream may take to send its initial jobs, however steadily its client reads:
+/// a snapshot's REPEATABLE READ transaction holds back vacuum and a snapshot connection.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(300);
+/// Catch-up reads of the history (a stream resuming, or one that fell behind) that run at once
+/// per process: a burst of resumed streams takes at most this many pooled connections.
+pub const CATCH_UP_CONCURRENCY: usize = 4;
+/// The database cancels a catch-up read that takes longer (its index keeps it short).
+const CATCH_UP_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a stream starts.
 #[derive(Debug, Clone)]
@@ -82,8 +91,12 @@ pub struct StreamTask {
     pub pool: PgPool,
     /// For the snapshot of `include_existing`, read on a connection of its own...
     pub database_url: Arc<str>,
-    /// ...of which at most `SNAPSHOT_CONNECTIONS` are open at once.
+    /// ...of which at most `SNAPSHOT_CONNECTIONS` are open at once...
     pub snapshot_slots: Arc<tokio::sync::Semaphore>,
+    /// ...and a few per user.
+    pub snapshots_per_caller: Arc<Limit>,
+    /// Bounds the catch-up reads running at once ([`CATCH_UP_CONCURRENCY`]).
+    pub catch_up_slots: Arc<tokio::sync::Semaphore>,
     pub feed: Arc<Feed>,
     pub caller: Caller,
     pub filter: WatchFilter,
@@ -119,8 +132,9 @@ impl StreamTask {
     /// Subscribes (and, starting from now, takes the snapshot that defines "now") before the
     /// call answers, then runs the stream in its own task; the receiver is the gRPC response
     /// stream.
-    /// `open` counts the stream as open until its task ends.
-    pub async fn start(self, open: GaugeGuard) -> Result<Deliveries> {
+    /// `open` counts the stream as open, and `slot` holds its place under the caller's limit,
+    /// until its task ends.
+    pub async fn start(self, open: GaugeGuard, slot: Slot) -> Result<Deliveries> {
         let (sub, published) = self.feed.subscribe(self.filter.clone());
         let mut state = Cursor {
             at: published,
@@ -137,10 +151,14 @@ impl StreamTask {
         }
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         tokio::spawn(async move {
-            let _open = open;
+            let _open = (open, slot);
             let request_id = self.request_id.clone();
+            // The token's expiry ends the stream wherever it is: sending the existing jobs,
+            // catching up, or live.
+            let expiry = tokio::time::sleep(self.caller.valid_for());
             let result = tokio::select! {
                 r = self.follow(&tx, sub, state) => r,
+                _ = expiry => Err(Error::token_expired()),
                 // The client went away: stop at once, whatever the task was waiting for.
                 _ = tx.closed() => Ok(()),
             };
@@ -179,7 +197,6 @@ impl StreamTask {
         self.send(tx, Delivery::Synced(state.resume_point()))
             .await?;
 
-        let expiry = expiry_instant(self.caller.expires_at());
         let mut shutdown = self.shutdown.clone();
         let mut next_heartbeat = Instant::now() + self.heartbeat;
         loop {
@@ -204,12 +221,6 @@ impl StreamTask {
                     self.settle(tx, &mut sub, &mut state).await?;
                     self.send(tx, Delivery::Heartbeat(state.resume_point())).await?;
                     next_heartbeat = Instant::now() + self.heartbeat;
-                }
-                _ = tokio::time::sleep_until(expiry) => {
-                    return Err(Error::unauthenticated(
-                        "TOKEN_EXPIRED",
-                        "the token expired; reconnect with a fresh token and the last resume_token",
-                    ));
                 }
                 _ = shutdown.changed() => return Err(shutting_down()),
             }
@@ -236,6 +247,22 @@ impl StreamTask {
     /// reads slowly must not hold a pooled connection), and a client that stops reading for
     /// `SNAPSHOT_STALL` ends the stream rather than keep that transaction open.
     async fn send_existing(&self, tx: &Tx) -> Result<(Snapshot, Position)> {
+        let _mine = self.snapshots_per_caller.enter(&self.caller)?;
+        tokio::time::timeout(SNAPSHOT_DEADLINE, self.send_snapshot(tx))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::ResourceExhausted {
+                    reason: "STREAM_TOO_SLOW",
+                    message: format!(
+                        "the initial jobs took longer than {}s to send; narrow the filter, or \
+                         list the jobs and start the stream without include_existing",
+                        SNAPSHOT_DEADLINE.as_secs()
+                    ),
+                })
+            })
+    }
+
+    async fn send_snapshot(&self, tx: &Tx) -> Result<(Snapshot, Position)> {
         use diesel_async::SimpleAsyncConnection;
         let _slot =
             tokio::time::timeout(SNAPSHOT_WAIT, self.snapshot_slots.clone().acquire_owned())
@@ -282,13 +309,24 @@ impl StreamTask {
         }
     }
 
-    /// Reads the history from the cursor up to the horizon, sending what matches. The pooled
-    /// connection is given back before each page is sent.
+    /// Reads the history from the cursor up to the horizon, sending what matches. Each page
+    /// is read in the caller's row-level-security scope (the statement's own user filter has
+    /// the database's behind it), with a statement timeout, under the process's catch-up
+    /// limit; the pooled connection is given back before the page is sent.
     async fn catch_up(&self, tx: &Tx, state: &mut Cursor) -> Result<()> {
         loop {
             let read = {
-                let mut conn = self.pool.get().await?;
-                events::read(&mut conn, state.at, READ_LIMIT, self.filter.user).await?
+                let _turn = self
+                    .catch_up_slots
+                    .acquire()
+                    .await
+                    .map_err(|_| shutting_down())?;
+                let mut db =
+                    db::scoped_read(&self.pool, &self.caller, CATCH_UP_STATEMENT_TIMEOUT).await?;
+                let at = state.at;
+                let user = self.filter.user;
+                let read = db.exec(|c| events::read(c, at, READ_LIMIT, user)).await;
+                db.finish(read).await?
             };
             let full = read.events.len() as i64 == READ_LIMIT;
             for row in read.events {
@@ -357,14 +395,6 @@ impl Cursor {
     fn already_seen(&self, event: &Event) -> bool {
         self.skip.as_ref().is_some_and(|s| s.sees(event.writer_xid))
     }
-}
-
-fn expiry_instant(expires_at: i64) -> Instant {
-    let now = chrono::Utc::now().timestamp();
-    let secs = expires_at.saturating_sub(now).max(0);
-    // Far enough to never fire (a year), for tokens without a practical expiry.
-    let secs = secs.min(365 * 24 * 3600) as u64;
-    Instant::now() + Duration::from_secs(secs)
 }
 
 fn shutting_down() -> Error {

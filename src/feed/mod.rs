@@ -41,6 +41,7 @@ use crate::metrics::Metrics;
 mod event;
 pub(crate) mod follow;
 mod hub;
+pub(crate) mod limits;
 mod reader;
 mod registry;
 mod wake;
@@ -66,8 +67,8 @@ impl Feed {
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Feed>> {
-        let mut conn = db::connect_named(&database_url, "jobsvc: feed reader").await?;
-        let start = events::read(&mut conn, Position::MAX, 1, None).await?.tail;
+        let conn = db::connect_named(&database_url, "jobsvc: feed reader").await?;
+        let start = events::read(&conn, Position::MAX, 1, None).await?.tail;
         let (position_tx, position) = watch::channel(start);
         let feed = Arc::new(Feed {
             registry: Arc::default(),

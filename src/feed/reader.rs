@@ -97,7 +97,7 @@ async fn drain(
         // from the history, never from what the reader held.
         let idle = feed.registry.lock().unwrap().entries.is_empty();
         let limit = if idle { 0 } else { READ_LIMIT };
-        let read = tokio::time::timeout(READ_TIMEOUT, events::read(c, at, limit, None))
+        let read = tokio::time::timeout(READ_TIMEOUT, events::read(&*c, at, limit, None))
             .await
             .map_err(|_| Error::Unavailable("change feed read timed out".into()))??;
         if read.horizon < at.xid || read.tail < at {

@@ -441,3 +441,199 @@ async fn a_remembered_token_still_expires() {
         "{refused:?}"
     );
 }
+
+/// A caller without a valid token learns nothing about the database: with PostgreSQL down, a
+/// service caller hears UNAVAILABLE, and a call with no token or a forged one still hears
+/// UNAUTHENTICATED (authentication comes before the health check and admission).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_comes_before_the_database_status() {
+    let pg = crate::harness::new_cluster("auth-first").await;
+    let url = crate::harness::fresh_database(&pg).await;
+    let server = TestServer::start_on(&url, &[]).await;
+    let service = server.service().await;
+    // The server is up and has reached the database once.
+    service
+        .clone()
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap();
+    pg.stop().await;
+    crate::harness::eventually(
+        Duration::from_secs(10),
+        "the server sees the database down",
+        || {
+            let mut service = service.clone();
+            async move {
+                let answer = service
+                    .get_job(pb::GetJobRequest {
+                        id: Uuid::new_v4().to_string(),
+                    })
+                    .await;
+                matches!(answer, Err(s) if s.code() == Code::Unavailable)
+            }
+        },
+    )
+    .await;
+    let forged = jobsvc::api::auth::issue(
+        b"another-secret-another-secret-another",
+        "service_role",
+        None,
+        Duration::from_secs(60),
+    );
+    for token in [None, Some(forged.as_str()), Some("not.a.jwt")] {
+        let mut c = server.client(token).await;
+        let answer = c
+            .get_job(pb::GetJobRequest {
+                id: Uuid::new_v4().to_string(),
+            })
+            .await;
+        assert_eq!(
+            answer.unwrap_err().code(),
+            Code::Unauthenticated,
+            "token {token:?}"
+        );
+        let answer = c.list_jobs(pb::ListJobsRequest::default()).await;
+        assert_eq!(answer.unwrap_err().code(), Code::Unauthenticated);
+    }
+    server.stop().await;
+}
+
+/// The change history a user's stream catches up from is read in the user's row-level-security
+/// scope: even a read that forgets its own user filter (as a bug in the stream's filter
+/// would) returns only the user's events, while positions stay global.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_history_read_is_backed_by_row_level_security() {
+    let server = TestServer::start().await;
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut svc = server.service().await;
+    for user in [alice, bob, bob] {
+        let job = svc
+            .create_job(pb::CreateJobRequest {
+                agent_identifier: "h".into(),
+                user_id: user.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        svc.update_status(pb::UpdateStatusRequest {
+            id: job.id,
+            status: S::Running as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let pool = jobsvc::db::pool(&server.db_url, 2).unwrap();
+    let auth = jobsvc::api::auth::Authenticator::new(SECRET.as_bytes(), Duration::from_secs(0));
+    let read_all = |token: String| {
+        let pool = pool.clone();
+        let caller = auth.verify(&token).unwrap();
+        async move {
+            let mut db = jobsvc::db::scoped_read(&pool, &caller, Duration::from_secs(5))
+                .await
+                .unwrap();
+            // No user filter in the statement: only row-level security narrows it.
+            let read = db
+                .exec(|c| {
+                    jobsvc::db::events::read(c, jobsvc::domain::Position::default(), 100, None)
+                })
+                .await;
+            db.finish(read).await.unwrap()
+        }
+    };
+    let alices = read_all(harness::user_token(alice)).await;
+    assert_eq!(alices.events.len(), 2, "alice's create and move");
+    assert!(alices.events.iter().all(|e| e.job.user_id == Some(alice)));
+    let everything = read_all(harness::service_token()).await;
+    assert_eq!(everything.events.len(), 6);
+    // The position a reader stands at afterwards is the same for both.
+    assert_eq!(alices.tail, everything.tail);
+    server.stop().await;
+}
+
+/// A token's lifetime holds for long calls too: a WaitJob whose token expires before its job
+/// finishes (and before its timeout) ends with UNAUTHENTICATED, and a stream whose token
+/// expires while it is still sending the existing jobs ends there, before `synced`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_expiry_ends_waits_and_snapshots() {
+    let pg = harness::shared_pg().await;
+    let url = harness::fresh_database(&pg).await;
+    let server = TestServer::start_on(&url, &["--jwt-leeway", "0s"]).await;
+    let user = Uuid::new_v4();
+    let short = || {
+        jobsvc::api::auth::issue(
+            SECRET.as_bytes(),
+            "authenticated",
+            Some(user),
+            Duration::from_secs(2),
+        )
+    };
+    let mut svc = server.service().await;
+    // Enough existing jobs (4.8 MB, more than HTTP/2's windows hold) that a client which does
+    // not read holds the snapshot open.
+    let payload =
+        jobsvc::api::convert::json_to_struct(serde_json::json!({ "pad": "p".repeat(12_000) }));
+    let mut first = None;
+    for _ in 0..400 {
+        let job = svc
+            .create_job(pb::CreateJobRequest {
+                agent_identifier: "slow".into(),
+                user_id: user.to_string(),
+                job_data: Some(payload.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        first.get_or_insert(job);
+    }
+    let job = first.unwrap();
+
+    let mut c = server.client(Some(&short())).await;
+    let started = tokio::time::Instant::now();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.wait_job(pb::WaitJobRequest {
+            id: job.id.clone(),
+            timeout: Some(prost_types::Duration {
+                seconds: 120,
+                nanos: 0,
+            }),
+        }),
+    )
+    .await
+    .expect("the wait ends with its token, not its timeout");
+    assert_err(waited, Code::Unauthenticated, "TOKEN_EXPIRED");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    let mut c = server.client(Some(&short())).await;
+    let mut stream = c
+        .stream_job_updates(pb::StreamJobUpdatesRequest {
+            include_existing: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The client reads nothing until its token has expired (this idle time is the test's
+    // subject, not a wait for a condition), then everything that is left.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let end = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(u)) => assert!(
+                    !matches!(u.event, Some(pb::job_update::Event::Synced(_))),
+                    "the snapshot finished after the token expired"
+                ),
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert_eq!(end.code(), Code::Unauthenticated);
+    assert_eq!(harness::reason(&end), "TOKEN_EXPIRED");
+    server.stop().await;
+}

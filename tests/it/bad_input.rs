@@ -403,6 +403,14 @@ async fn corpus_of_malformed_requests_gets_exact_codes_and_reasons() {
         "a\u{7f}".into(),
         "a\u{1b}[31m".into(),
         "a\u{85}".into(),
+        // Invisible and bidirectional-control characters: different names that look the same.
+        "a\u{202E}b".into(),
+        "a\u{200B}".into(),
+        "\u{FEFF}a".into(),
+        "a\u{2066}b\u{2069}".into(),
+        "a\u{200D}b".into(),
+        "a\u{061C}".into(),
+        "a\u{200E}".into(),
         "x".repeat(256),
         "ü".repeat(256),
     ];
@@ -661,11 +669,34 @@ async fn corpus_of_malformed_requests_gets_exact_codes_and_reasons() {
             "INVALID_DURATION",
         ));
     }
+    // Longer than the database can subtract from now (protobuf's own limit, and i64::MAX).
+    for (s, n) in [
+        (315_576_000_000i64, 0i32),
+        (i64::MAX, 999_999_999),
+        (3_155_760_001, 0),
+    ] {
+        cases.push((
+            format!("ListJobs.running_longer_than = {s}s {n}ns"),
+            Req::List(pb::ListJobsRequest {
+                running_longer_than: Some(prost_types::Duration {
+                    seconds: s,
+                    nanos: n,
+                }),
+                ..Default::default()
+            }),
+            "INVALID_DURATION",
+        ));
+    }
     for (s, n) in [
         (0i64, -1i32),
         (0, 1_000_000_000),
         (i64::MAX, 0),
         (i64::MIN, 0),
+        // Outside protobuf's range (years 1 to 9999), though chrono holds them.
+        (-62_135_596_801, 0),
+        (253_402_300_800, 0),
+        (-8_210_266_876_800, 0),
+        (8_210_266_876_799, 0),
     ] {
         let t = prost_types::Timestamp {
             seconds: s,

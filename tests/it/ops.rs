@@ -613,3 +613,92 @@ async fn two_servers_in_one_process_count_their_own_slow_calls() {
     quiet.stop().await;
     eager.stop().await;
 }
+
+/// The metrics port serves `GET /metrics` and nothing else, and a bare port binds loopback
+/// only.
+#[tokio::test]
+async fn the_metrics_port_answers_only_metrics_and_binds_loopback_by_default() {
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    let port = crate::harness::free_addr().port();
+    let server = TestServer::start_on(&url, &["--metrics-listen", &port.to_string()]).await;
+    async fn status_of(port: u16, request: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.lines().next().unwrap_or_default().to_owned()
+    }
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    // A first call: the server (and so its metrics port) is up.
+    server
+        .service()
+        .await
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap();
+    assert!(scrape(port).await.contains("jobsvc_rpc_requests"));
+    for path in ["/", "/metrics/x", "/debug/pprof", "/favicon.ico"] {
+        assert_eq!(
+            status_of(port, &get(path)).await,
+            "HTTP/1.1 404 Not Found",
+            "{path}"
+        );
+    }
+    assert_eq!(
+        status_of(
+            port,
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .await,
+        "HTTP/1.1 405 Method Not Allowed"
+    );
+    // Bound to 127.0.0.1 only, not to every address: 127.0.0.2, another address of the
+    // loopback interface, does not reach it.
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.2", port))
+            .await
+            .is_err(),
+        "the metrics port answered on 127.0.0.2"
+    );
+    server.stop().await;
+}
+
+/// An empty secret file (a crash or a full disk during the first start) is never used as an
+/// HMAC key: `jobsvc token` and `jobsvc serve` refuse it and name the file.
+#[tokio::test]
+async fn an_empty_secret_file_stops_token_and_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwt_secret");
+    std::fs::write(&file, "").unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let runs: [&[&str]; 2] = [
+        &["token", "--role", "service_role", "--data-dir", data_dir],
+        &["serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0"],
+    ];
+    for args in runs {
+        let out = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_jobsvc"))
+                .args(args)
+                .env_remove("JWT_SECRET")
+                .env_remove("DATABASE_URL")
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .expect("jobsvc exits")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} accepted an empty secret");
+        assert!(out.stdout.is_empty(), "{args:?} printed a token");
+        assert!(
+            stderr.contains(&file.display().to_string()) && stderr.contains("at least 32"),
+            "{args:?}: {stderr}"
+        );
+    }
+    // Nothing was started: no database directory next to the file.
+    assert!(!dir.path().join("pg").exists());
+}

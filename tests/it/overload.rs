@@ -10,6 +10,7 @@ use jobsvc::pb;
 use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, timeout};
 use tonic::Code;
+use uuid::Uuid;
 
 use crate::h2raw;
 use crate::harness::{
@@ -390,5 +391,104 @@ async fn a_client_that_never_reads_is_disconnected() {
     );
     assert_kept_latency(quiet, prober.await.unwrap());
     drop(w);
+    server.stop().await;
+}
+
+/// One user cannot hold the server's streams and waits: past its own limit it hears
+/// RESOURCE_EXHAUSTED TOO_MANY_STREAMS at once, while another user (and the service role)
+/// still gets theirs, and a closed stream gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_limits_on_streams_and_waits() {
+    let pg = crate::harness::shared_pg().await;
+    let url = crate::harness::fresh_database(&pg).await;
+    let server = TestServer::start_on(
+        &url,
+        &["--max-streams-per-user", "5", "--max-waits-per-user", "2"],
+    )
+    .await;
+    let (hog, other) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut h = server.user(hog).await;
+    let mut o = server.user(other).await;
+    let open = |c: &mut crate::harness::Client| {
+        let mut c = c.clone();
+        async move {
+            c.stream_job_updates(pb::StreamJobUpdatesRequest::default())
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(open(&mut h).await.expect("within the limit"));
+    }
+    let refused = open(&mut h).await.expect_err("the sixth stream");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert_eq!(crate::harness::reason(&refused), "TOO_MANY_STREAMS");
+    let _others = open(&mut o).await.expect("another user is not held back");
+    let _service = open(&mut server.service().await)
+        .await
+        .expect("the service role is not held back");
+    held.pop();
+    crate::harness::eventually(
+        Duration::from_secs(10),
+        "a closed stream gives its place back",
+        || {
+            let mut h = h.clone();
+            async move { open(&mut h).await.is_ok() }
+        },
+    )
+    .await;
+
+    // WaitJob: two waiting at once per user.
+    let job = h
+        .create_job(crate::harness::create("w"))
+        .await
+        .unwrap()
+        .into_inner();
+    let wait = |c: &crate::harness::Client| {
+        let mut c = c.clone();
+        let id = job.id.clone();
+        async move {
+            c.wait_job(pb::WaitJobRequest {
+                id,
+                timeout: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            })
+            .await
+        }
+    };
+    // Two waits hold the user's places. Until both wait, a probe may take a place and refuse
+    // one of them: a refused wait is started again, and a probe is dropped after 300 ms.
+    let mut waits = vec![tokio::spawn(wait(&h)), tokio::spawn(wait(&h))];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for w in waits.iter_mut() {
+            if w.is_finished() {
+                *w = tokio::spawn(wait(&h));
+            }
+        }
+        let probe = timeout(Duration::from_millis(300), wait(&h)).await;
+        if matches!(&probe, Ok(Err(s)) if s.code() == Code::ResourceExhausted
+            && reason(s) == "TOO_MANY_STREAMS")
+            && waits.iter().all(|w| !w.is_finished())
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a third wait was never refused: {probe:?}"
+        );
+    }
+    // The waits end when the job does.
+    h.cancel_job(pb::CancelJobRequest { id: job.id.clone() })
+        .await
+        .unwrap();
+    for w in waits {
+        let done = w.await.unwrap().unwrap().into_inner();
+        assert_eq!(done.status, pb::JobStatus::Cancelled as i32);
+    }
+    drop(held);
     server.stop().await;
 }

@@ -418,10 +418,13 @@ async fn resume_tokens_are_checked() {
     // A well-signed position this database never reached (a token from before a restore,
     // or from another database) is out of range too, not silently waited for.
     let future = jobsvc::api::tokens::TokenKey::derive(crate::harness::SECRET.as_bytes())
-        .resume_token(jobsvc::domain::Position {
-            xid: 1 << 40,
-            seq: 1,
-        });
+        .resume_token(
+            &jobsvc::domain::Caller::new(jobsvc::domain::Role::Service, i64::MAX),
+            jobsvc::domain::Position {
+                xid: 1 << 40,
+                seq: 1,
+            },
+        );
     let err = c
         .stream_job_updates(pb::StreamJobUpdatesRequest {
             resume_token: future,
@@ -787,6 +790,42 @@ async fn resuming_from_synced_repeats_nothing_the_snapshot_showed() {
     assert_eq!(
         got[0].0, done,
         "the next change, not a replay of versions 1 and 2"
+    );
+    server.stop().await;
+}
+
+/// A user's stream that resumes reads only the user's own history: its catch-up statement is
+/// served by the user's index, however much other tenants wrote in the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_catch_up_reads_only_its_own_history() {
+    use diesel_async::RunQueryDsl;
+    let server = TestServer::start().await;
+    let user = Uuid::new_v4();
+    let mut conn = jobsvc::db::connect(&server.db_url).await.unwrap();
+    // 20,000 events of other tenants, 3 of this user, as plain SQL writes them.
+    diesel::sql_query(
+        "INSERT INTO jobs (user_id, agent_identifier) \
+         SELECT gen_random_uuid(), 'noise' FROM generate_series(1, 20000)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    diesel::sql_query(format!(
+        "INSERT INTO jobs (user_id, agent_identifier) SELECT '{user}', 'mine' FROM generate_series(1, 3)"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    diesel::sql_query("ANALYZE job_events")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let plan = jobsvc::db::events::explain_read(&conn, jobsvc::domain::Position::default(), user)
+        .await
+        .unwrap();
+    assert!(
+        plan.contains("job_events_user_position"),
+        "the catch-up read walks other tenants' history:\n{plan}"
     );
     server.stop().await;
 }

@@ -8,7 +8,7 @@ use super::json::JsonColumn;
 use crate::api::tokens::TokenKey;
 use crate::db::events::HistoryRow;
 use crate::db::stats::Counts;
-use crate::domain::{Job, JobStatus};
+use crate::domain::{Caller, Job, JobStatus};
 use crate::feed::follow::{Delivery, ResumePoint};
 use crate::pb;
 use crate::pb::job_update::Event as Update;
@@ -73,9 +73,10 @@ pub fn stats_to_pb(c: Counts, oldest_pending: Option<DateTime<Utc>>) -> pb::JobS
     }
 }
 
-/// What a stream sends, as the message the client receives, its resume token signed now.
-pub fn delivery_to_pb(delivery: Delivery, tokens: &TokenKey) -> pb::JobUpdate {
-    let token = |p: &ResumePoint| tokens.resume_token_with_skip(p.at, p.skip.as_ref());
+/// What a stream sends, as the message the client receives, its resume token signed now for
+/// `caller` (only they can resume from it).
+pub fn delivery_to_pb(delivery: Delivery, tokens: &TokenKey, caller: &Caller) -> pb::JobUpdate {
+    let token = |p: &ResumePoint| tokens.resume_token_with_skip(caller, p.at, p.skip.as_ref());
     let (resume_token, event) = match delivery {
         Delivery::Existing(job) => (String::new(), Update::Job(job_to_pb(job))),
         Delivery::Change(event, resume) => {

@@ -58,7 +58,46 @@ pub fn validate_agent_identifier(field: &'static str, s: &str) -> Result<String>
             format!("{field} must not contain control characters"),
         ));
     }
+    if let Some((at, c)) = s.chars().enumerate().find(|(_, c)| is_invisible(*c)) {
+        return Err(Error::invalid(
+            field,
+            "INVALID_AGENT_IDENTIFIER",
+            format!(
+                "{field} must not contain invisible or bidirectional-control characters \
+                 (U+{:04X} at character {at}): they make different agents look the same",
+                c as u32
+            ),
+        ));
+    }
     Ok(s.to_owned())
+}
+
+/// Characters that show as nothing, or reorder what follows: bidirectional controls
+/// (U+061C, U+200E/F, U+202A-E, U+2066-9), zero-width and joiner characters (U+200B-D, U+2060,
+/// U+FEFF), the other invisible format characters of Unicode's Cf category, and the
+/// blank fillers that render as nothing. Two agent names that differ only by these look the
+/// same in a log or a dashboard.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{17B4}'
+            | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 /// An optional idempotency key: empty means none.
@@ -134,17 +173,52 @@ pub fn page_size(raw: i32) -> Result<i64> {
     }
 }
 
+/// The range of `google.protobuf.Timestamp`, 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z,
+/// in Unix seconds. PostgreSQL holds all of it; chrono holds more, which the database refuses.
+const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
+
+/// A timestamp within protobuf's range (years 1 to 9999).
 pub fn parse_timestamp(field: &'static str, t: Timestamp) -> Result<chrono::DateTime<chrono::Utc>> {
     let nanos = u32::try_from(t.nanos).ok().filter(|n| *n < 1_000_000_000);
     nanos
+        .filter(|_| TIMESTAMP_SECONDS.contains(&t.seconds))
         .and_then(|n| chrono::DateTime::from_timestamp(t.seconds, n))
         .ok_or_else(|| {
             Error::invalid(
                 field,
                 "INVALID_TIMESTAMP",
-                format!("{field} is not a valid timestamp"),
+                format!(
+                    "{field} must be a timestamp from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z \
+                     with nanos in 0..1e9 (got {}s {}ns)",
+                    t.seconds, t.nanos
+                ),
             )
         })
+}
+
+/// The longest `running_longer_than`: a century. Beyond it the database cannot compute
+/// `now() - running_longer_than` (its timestamps start in 4713 BC), and no job runs that long.
+pub const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A non-negative duration of at most `max`.
+pub fn parse_bounded_duration(
+    field: &'static str,
+    d: prost_types::Duration,
+    max: std::time::Duration,
+) -> Result<std::time::Duration> {
+    let d = parse_duration(field, d)?;
+    if d > max {
+        return Err(Error::invalid(
+            field,
+            "INVALID_DURATION",
+            format!(
+                "{field} must be at most {}s (got {}s)",
+                max.as_secs(),
+                d.as_secs()
+            ),
+        ));
+    }
+    Ok(d)
 }
 
 /// A non-negative duration.
@@ -212,7 +286,7 @@ pub fn list_filter(
         running_longer_than_us: msg
             .running_longer_than
             .map(|d| {
-                parse_duration("running_longer_than", d)
+                parse_bounded_duration("running_longer_than", d, MAX_AGE)
                     .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
             })
             .transpose()?,

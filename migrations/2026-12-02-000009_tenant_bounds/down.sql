@@ -1,0 +1,1 @@
+DROP INDEX job_events_user_position;
