@@ -16,7 +16,7 @@ use super::convert;
 use super::state::AppState;
 use crate::db;
 use crate::domain::{
-    Caller, Job, JobStatus, NewJob, PageCursor, StatusChange, Transition, WatchFilter, transition,
+    Caller, Job, JobStatus, PageCursor, StatusChange, Transition, WatchFilter, transition,
 };
 use crate::error::{Error, Result};
 use crate::feed::Subscription;
@@ -90,16 +90,31 @@ impl JobSvc {
                         requested: change.target,
                     });
                 }
-                Transition::Apply => match change.expected_version {
-                    Some(expected) if expected != row.job.version => {
+                Transition::Apply => {
+                    if let Some(expected) = change.expected_version
+                        && expected != row.job.version
+                    {
                         return Err(Error::VersionMismatch {
                             expected,
                             actual: row.job.version,
                         });
                     }
+                    // The job would grow past the size limit with this result or message.
+                    if let Some(size) = change.size {
+                        let empty = serde_json::json!({});
+                        let held = convert::size::job_data_field_len(
+                            row.job.job_data.as_ref().unwrap_or(&empty),
+                        ) + size.added as usize;
+                        if held > self.state.limits.max_job_bytes {
+                            let field = match change.target {
+                                JobStatus::Completed => "result",
+                                _ => "error_message",
+                            };
+                            return Err(convert::payload_too_large(field, held, self.state.limits));
+                        }
+                    }
                     // The statement's snapshot predates a concurrent move: read again.
-                    _ => continue,
-                },
+                }
             }
         }
         Err(Error::Conflict)
@@ -125,23 +140,7 @@ impl pb::job_service_server::JobService for JobSvc {
         let result = async {
             let caller = self.authenticate(&request)?;
             self.guarded(true, async {
-                let msg = request.into_inner();
-                let owner = convert::resolve_user(
-                    &caller,
-                    convert::parse_optional_uuid("user_id", &msg.user_id)?,
-                )?;
-                let new = NewJob {
-                    owner,
-                    agent_identifier: convert::validate_agent_identifier(
-                        "agent_identifier",
-                        &msg.agent_identifier,
-                    )?,
-                    job_data: match msg.job_data {
-                        Some(s) => convert::struct_to_json("job_data", s, self.state.limits)?,
-                        None => serde_json::json!({}),
-                    },
-                    request_id: convert::validate_request_id(&msg.request_id)?,
-                };
+                let new = convert::new_job(&caller, request.into_inner(), self.state.limits)?;
                 let (row, new) = self.state.creates.create(caller, new).await?;
                 if row.written {
                     self.committed()?;
@@ -187,17 +186,7 @@ impl pb::job_service_server::JobService for JobSvc {
         let result = async {
             let caller = self.authenticate(&request)?;
             self.guarded(true, async {
-                let msg = request.into_inner();
-                let change = StatusChange {
-                    id: convert::parse_uuid("id", &msg.id)?,
-                    target: convert::parse_status("status", msg.status)?,
-                    result: msg
-                        .result
-                        .map(|v| convert::value_to_json("result", v, self.state.limits))
-                        .transpose()?,
-                    error_message: convert::validate_error_message(&msg.error_message)?,
-                    expected_version: msg.expected_version,
-                };
+                let change = convert::status_change(request.into_inner(), self.state.limits)?;
                 Ok(convert::job_to_pb(
                     self.apply_change(&caller, change).await?,
                 ))
@@ -223,6 +212,7 @@ impl pb::job_service_server::JobService for JobSvc {
                     result: None,
                     error_message: None,
                     expected_version: None,
+                    size: None,
                 };
                 Ok(convert::job_to_pb(
                     self.apply_change(&caller, change).await?,
@@ -314,19 +304,24 @@ impl pb::job_service_server::JobService for JobSvc {
                     .exec(|c| db::jobs::list(c, &filter, after, page_size + 1))
                     .await;
                 let mut rows = db.finish(rows).await?;
-                let next_page_token = if rows.len() as i64 > page_size {
-                    rows.truncate(page_size as usize);
-                    let last = rows.last().expect("page_size is at least 1");
-                    let cursor = PageCursor {
-                        created_at: last.created_at,
-                        id: last.id,
-                    };
-                    self.state.tokens.page_token(&fingerprint, cursor)
-                } else {
-                    String::new()
+                let more = rows.len() as i64 > page_size;
+                rows.truncate(page_size as usize);
+                let (jobs, last, cut) =
+                    convert::fill_page(rows, self.state.max_page_bytes, |row| {
+                        let cursor = PageCursor {
+                            created_at: row.created_at,
+                            id: row.id,
+                        };
+                        (convert::job_to_pb(row), cursor)
+                    });
+                let next_page_token = match last {
+                    Some(cursor) if more || cut => {
+                        self.state.tokens.page_token(&fingerprint, cursor)
+                    }
+                    _ => String::new(),
                 };
                 Ok(pb::ListJobsResponse {
-                    jobs: rows.into_iter().map(convert::job_to_pb).collect(),
+                    jobs,
                     next_page_token,
                 })
             })
@@ -370,18 +365,21 @@ impl pb::job_service_server::JobService for JobSvc {
                     })
                     .await;
                 let mut rows = db.finish(rows).await?;
-                let next_page_token = if rows.len() as i64 > page_size {
-                    rows.truncate(page_size as usize);
-                    let last = rows.last().expect("page_size is at least 1");
-                    self.state.tokens.events_page_token(job_id, last.version)
-                } else {
-                    String::new()
+                let more = rows.len() as i64 > page_size;
+                rows.truncate(page_size as usize);
+                let (events, last, cut) =
+                    convert::fill_page(rows, self.state.max_page_bytes, |row| {
+                        let version = row.version;
+                        (convert::history_to_pb(job_id, row), version)
+                    });
+                let next_page_token = match last {
+                    Some(version) if more || cut => {
+                        self.state.tokens.events_page_token(job_id, version)
+                    }
+                    _ => String::new(),
                 };
                 Ok(pb::ListJobEventsResponse {
-                    events: rows
-                        .into_iter()
-                        .map(|r| convert::history_to_pb(job_id, r))
-                        .collect(),
+                    events,
                     next_page_token,
                 })
             })

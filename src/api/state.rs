@@ -23,6 +23,9 @@ pub struct AppState {
     pub database_url: Arc<str>,
     pub auth: Authenticator,
     pub limits: JsonLimits,
+    /// The most a page of ListJobs or ListJobEvents holds, in encoded bytes: under the
+    /// message limit, so no page is too large to send.
+    pub max_page_bytes: usize,
     /// Signs page and resume tokens.
     pub tokens: TokenKey,
     /// The change feed: every committed change, from every replica and plain SQL.

@@ -126,6 +126,12 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBSVC_MAX_JOB_DATA_BYTES", default_value_t = 1 << 20)]
     pub max_job_data_bytes: usize,
 
+    /// The most a job may hold: job_data, result and error_message together, in bytes of
+    /// encoded protobuf (a Struct can be five times its JSON). At most --max-message-bytes
+    /// less 256 KiB, so every job fits in a response with room to spare.
+    #[arg(long, env = "JOBSVC_MAX_JOB_BYTES", default_value_t = 3 << 20)]
+    pub max_job_bytes: usize,
+
     /// Deepest nesting of objects and lists accepted in `job_data` or `result`.
     #[arg(long, env = "JOBSVC_MAX_JOB_DATA_DEPTH", default_value_t = 32)]
     pub max_job_data_depth: usize,

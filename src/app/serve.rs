@@ -95,6 +95,12 @@ pub async fn run_server(
 
 /// [`run_server`], reporting to `metrics`: the pool, the feed, the writers, the background
 /// tasks and the server, wired together.
+/// What a page leaves under the message limit for the response's own framing.
+const PAGE_HEADROOM: usize = 64 << 10;
+/// What a job leaves under the message limit: its other fields (an agent name of up to 1 KB,
+/// ids, times) and the page's framing.
+const JOB_HEADROOM: usize = 256 << 10;
+
 async fn start(
     args: &ServeArgs,
     database_url: &str,
@@ -103,6 +109,14 @@ async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     metrics: Arc<Metrics>,
 ) -> Result<(), AppError> {
+    if args.max_job_bytes + JOB_HEADROOM > args.max_message_bytes {
+        return Err(format!(
+            "--max-job-bytes ({}) must leave {JOB_HEADROOM} bytes under --max-message-bytes ({}): \
+             a job must always fit in a response",
+            args.max_job_bytes, args.max_message_bytes
+        )
+        .into());
+    }
     let pool = db::pool(database_url, args.pool_size)?
         .watch_slow_calls(args.slow_query_threshold, metrics.slow_queries.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -134,7 +148,9 @@ async fn start(
         limits: JsonLimits {
             max_bytes: args.max_job_data_bytes,
             max_depth: args.max_job_data_depth,
+            max_job_bytes: args.max_job_bytes,
         },
+        max_page_bytes: args.max_message_bytes.saturating_sub(PAGE_HEADROOM),
         tokens,
         feed,
         stream_heartbeat: args.stream_heartbeat,

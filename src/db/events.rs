@@ -2,7 +2,8 @@
 //! reads in (feed_xid, seq) order below the horizon, the snapshot of existing jobs a stream
 //! starts from, ListJobEvents, and pruning.
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Array, BigInt, Bool, Nullable, Text, Timestamptz};
+use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -17,6 +18,8 @@ pub struct EventRow {
     pub seq: i64,
     /// The id of the transaction that made the change.
     pub writer_xid: i64,
+    /// Its JSON and message in bytes of text (what it weighs in a queue).
+    pub bytes: usize,
     pub job: Job,
 }
 
@@ -43,6 +46,9 @@ pub struct Read {
     /// below it (`job_events_tail`, migration 000008). Positions are such tails, never the
     /// horizon itself, whose transaction ids crash recovery may hand out again.
     pub tail: Position,
+    /// The read stopped at `limit` events or [`READ_BYTES`]: read again from the last event.
+    /// Otherwise everything below the horizon has been read.
+    pub more: bool,
 }
 
 /// One row of [`READ_SQL`]: the horizon, and an event unless there was none (the LEFT JOIN's
@@ -87,6 +93,12 @@ struct ReadRow {
     completed_at: Option<DateTime<Utc>>,
     #[diesel(sql_type = Nullable<BigInt>)]
     version: Option<i64>,
+    /// The event's JSON and message, in bytes of text.
+    #[diesel(sql_type = Nullable<Integer>)]
+    bytes: Option<i32>,
+    /// The running total of `bytes` in this read, this event included.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    upto: Option<i64>,
 }
 
 /// jsonb as text to JSON. jsonb holds what serde_json cannot (numbers beyond f64, nesting
@@ -105,6 +117,7 @@ impl ReadRow {
             feed_xid: self.feed_xid?,
             seq: self.seq?,
             writer_xid: self.writer_xid.unwrap_or(self.feed_xid?),
+            bytes: self.bytes.unwrap_or(0).max(0) as usize,
             job: Job {
                 id: self.id?,
                 user_id: self.user_id,
@@ -170,16 +183,28 @@ SELECT h.horizon::text::int8 AS horizon,
 FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) h
 CROSS JOIN LATERAL job_events_tail(h.horizon) tail(tail_xid, tail_seq)
 LEFT JOIN LATERAL (
-    SELECT e.feed_xid::text::int8 AS feed_xid, e.seq, e.writer_xid::text::int8 AS writer_xid,
-           e.job_id AS id, e.user_id,
-           e.agent_identifier, e.status, e.job_data::text AS job_data, e.result::text AS result,
-           e.error_message, e.created_at,
-           e.updated_at, e.started_at, e.completed_at, e.version
-    FROM job_events e
-    WHERE (e.feed_xid, e.seq) > ($1::text::xid8, $2) AND e.feed_xid < h.horizon {user}
-    ORDER BY e.feed_xid, e.seq
-    LIMIT $3
+    SELECT * FROM (
+        SELECT e.feed_xid::text::int8 AS feed_xid, e.seq, e.writer_xid::text::int8 AS writer_xid,
+               e.job_id AS id, e.user_id,
+               e.agent_identifier, e.status, e.job_data::text AS job_data, e.result::text AS result,
+               e.error_message, e.created_at,
+               e.updated_at, e.started_at, e.completed_at, e.version,
+               s.bytes, sum(s.bytes) OVER (ORDER BY e.feed_xid, e.seq) AS upto
+        FROM job_events e
+        CROSS JOIN LATERAL (SELECT octet_length(e.job_data::text)
+                                   + coalesce(octet_length(e.result::text), 0)
+                                   + coalesce(octet_length(e.error_message), 0) AS bytes) s
+        WHERE (e.feed_xid, e.seq) > ($1::text::xid8, $2) AND e.feed_xid < h.horizon {user}
+        ORDER BY e.feed_xid, e.seq
+        LIMIT $3
+    ) w
+    WHERE w.upto - w.bytes < 33554432
 ) e ON true";
+
+/// The JSON a read of the history returns at most (as text, [`READ_SQL`]'s last condition),
+/// besides its first event however large: a burst of large jobs is read in several pieces,
+/// not held in memory whole.
+pub const READ_BYTES: i64 = 32 << 20;
 
 /// Events after `after` and below the horizon, in feed order, at most `limit`; only `user`'s
 /// when set (served by the index `job_events_user_position`, so it costs what the user's own
@@ -212,6 +237,14 @@ pub async fn read(
         })
         .ok_or_else(|| Error::Internal("feed read returned no row".into()))?;
     Ok(Read {
+        // Stopped by the limit, or by the byte budget (then the last event's running total
+        // reached it; a further read finds out whether anything was left).
+        more: limit > 0
+            && (rows.iter().filter(|r| r.seq.is_some()).count() as i64 == limit
+                || rows
+                    .last()
+                    .and_then(|r| r.upto)
+                    .is_some_and(|upto| upto >= READ_BYTES)),
         events: rows.into_iter().filter_map(ReadRow::into_event).collect(),
         horizon,
         pending,
@@ -252,14 +285,30 @@ pub async fn snapshot(conn: &mut AsyncPgConnection) -> Result<(Snapshot, Positio
     ))
 }
 
-/// A page of the jobs matching `filter`, in id order, after `after`.
+/// A job of a snapshot page, and the running total of the page's JSON up to it.
+#[derive(diesel::QueryableByName)]
+struct ExistingRow {
+    #[diesel(embed)]
+    job: Job,
+    #[diesel(sql_type = BigInt)]
+    upto: i64,
+}
+
+/// A page of the jobs matching `filter`, in id order, after `after`: at most `limit` jobs and
+/// [`READ_BYTES`] of JSON (besides its first job). Also says whether the page was cut short
+/// (read again after its last job).
 pub async fn existing_jobs(
     conn: &mut AsyncPgConnection,
     filter: &WatchFilter,
     after: Option<Uuid>,
     limit: i64,
-) -> Result<Vec<Job>> {
-    let mut sql = String::from("SELECT * FROM jobs WHERE TRUE");
+) -> Result<(Vec<Job>, bool)> {
+    let mut sql = String::from(
+        "SELECT * FROM (SELECT jobs.*, b.bytes, sum(b.bytes) OVER (ORDER BY id) AS upto \
+         FROM jobs CROSS JOIN LATERAL (SELECT octet_length(job_data::text) \
+             + coalesce(octet_length(result::text), 0) \
+             + coalesce(octet_length(error_message), 0) AS bytes) b WHERE TRUE",
+    );
     let mut n = 0;
     let mut next = || {
         n += 1;
@@ -280,7 +329,10 @@ pub async fn existing_jobs(
     if after.is_some() {
         sql += &format!(" AND id > ${}", next());
     }
-    sql += &format!(" ORDER BY id LIMIT ${}", next());
+    sql += &format!(
+        " ORDER BY id LIMIT ${}) page WHERE page.upto - page.bytes < {READ_BYTES}",
+        next()
+    );
     let mut query = diesel::sql_query(sql).into_boxed::<diesel::pg::Pg>();
     if !filter.job_ids.is_empty() {
         query = query.bind::<Array<diesel::sql_types::Uuid>, _>(
@@ -302,7 +354,10 @@ pub async fn existing_jobs(
     }
     // Not kept prepared: a stream's first pages, rare, and their best plan depends on the
     // filter's values (a cached generic plan could walk the wrong index).
-    Ok(query.bind::<BigInt, _>(limit).load(conn).await?)
+    let rows: Vec<ExistingRow> = query.bind::<BigInt, _>(limit).load(conn).await?;
+    // Stopped by the limit, or by the byte budget (see [`Read::more`]).
+    let more = rows.len() as i64 == limit || rows.last().is_some_and(|r| r.upto >= READ_BYTES);
+    Ok((rows.into_iter().map(|r| r.job).collect(), more))
 }
 
 #[derive(diesel::QueryableByName)]
@@ -369,4 +424,14 @@ pub async fn history(
     .bind::<BigInt, _>(limit)
     .prepared().load(&mut conn)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_statement_stops_at_the_byte_budget() {
+        assert!(READ_SQL.contains(&format!("w.upto - w.bytes < {READ_BYTES}\n")));
+    }
 }

@@ -1,7 +1,7 @@
 //! Statements on `jobs`. Each takes a connection (the caller owns any transaction) and the
 //! caller's user scope: `Some(user)` adds `user_id = user` to every statement, so isolation
 //! holds in the application as well as in row-level security.
-use diesel::sql_types::{Array, BigInt, Jsonb, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
@@ -37,8 +37,8 @@ macro_rules! job_columns {
 #[rustfmt::skip]
 const INSERT_SQL: &str = concat!("
 WITH ins AS (
-    INSERT INTO jobs (user_id, agent_identifier, job_data, request_id)
-    VALUES ($1, $2, $3, $4)
+    INSERT INTO jobs (user_id, agent_identifier, job_data, request_id, job_data_bytes)
+    VALUES ($1, $2, $3, $4, $5)
     ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
     RETURNING ", job_columns!(), "
 )
@@ -72,6 +72,7 @@ pub(crate) async fn insert(mut conn: &AsyncPgConnection, job: &NewJob) -> Result
         .bind::<Text, _>(&job.agent_identifier)
         .bind::<Jsonb, _>(&job.job_data)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())
+        .bind::<Integer, _>(job.job_data_bytes)
         .prepared()
         .load(&mut conn)
         .await?;
@@ -90,11 +91,11 @@ pub(crate) async fn insert(mut conn: &AsyncPgConnection, job: &NewJob) -> Result
 #[rustfmt::skip]
 const INSERT_MANY_SQL: &str = concat!("
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[])
-        AS t(id, user_id, agent_identifier, job_data, request_id)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::int4[])
+        AS t(id, user_id, agent_identifier, job_data, request_id, job_data_bytes)
 ), ins AS (
-    INSERT INTO jobs (id, user_id, agent_identifier, job_data, request_id)
-    SELECT id, user_id, agent_identifier, job_data, request_id FROM input
+    INSERT INTO jobs (id, user_id, agent_identifier, job_data, request_id, job_data_bytes)
+    SELECT id, user_id, agent_identifier, job_data, request_id, job_data_bytes FROM input
     ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
     RETURNING ", job_columns!(), "
 )
@@ -123,12 +124,14 @@ pub(crate) async fn insert_many(
     let data: Vec<&serde_json::Value> = jobs.iter().map(|(_, j)| &j.job_data).collect();
     let request_ids: Vec<Option<&str>> =
         jobs.iter().map(|(_, j)| j.request_id.as_deref()).collect();
+    let sizes: Vec<i32> = jobs.iter().map(|(_, j)| j.job_data_bytes).collect();
     let rows = diesel::sql_query(INSERT_MANY_SQL)
         .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
         .bind::<Array<Nullable<diesel::sql_types::Uuid>>, _>(owners)
         .bind::<Array<Text>, _>(agents)
         .bind::<Array<Jsonb>, _>(data)
         .bind::<Array<Nullable<Text>>, _>(request_ids)
+        .bind::<Array<Integer>, _>(sizes)
         .prepared()
         .load(&mut conn)
         .await?;
@@ -187,6 +190,7 @@ WITH upd AS (
       AND status = ANY($5::job_status[])
       AND ($6::bigint IS NULL OR version = $6)
       AND ($7::uuid IS NULL OR user_id = $7)
+      AND ($8::int8 IS NULL OR coalesce(job_data_bytes, job_data_field_len(job_data)) + $8 <= $9)
     RETURNING ", job_columns!(), "
 )
 SELECT upd.*, true AS written FROM upd
@@ -215,6 +219,8 @@ pub(crate) async fn compare_and_set_status(
         .bind::<Array<Text>, _>(allowed)
         .bind::<Nullable<BigInt>, _>(change.expected_version)
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
+        .bind::<Nullable<BigInt>, _>(change.size.map(|s| s.added))
+        .bind::<Nullable<BigInt>, _>(change.size.map(|s| s.limit))
         .prepared()
         .load(&mut conn)
         .await?;
@@ -229,8 +235,9 @@ pub(crate) async fn compare_and_set_status(
 #[rustfmt::skip]
 const CAS_MANY_SQL: &str = concat!("
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::int8[])
-        AS t(id, target, result, error_message, allowed, expected_version)
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::int8[],
+                         $8::int8[], $9::int8[])
+        AS t(id, target, result, error_message, allowed, expected_version, added_bytes, max_bytes)
 ), upd AS (
     UPDATE jobs SET
         status = i.target::job_status,
@@ -243,6 +250,8 @@ WITH input AS (
       AND jobs.status = ANY(string_to_array(i.allowed, ',')::job_status[])
       AND (i.expected_version IS NULL OR jobs.version = i.expected_version)
       AND ($7::uuid IS NULL OR jobs.user_id = $7)
+      AND (i.added_bytes IS NULL
+           OR coalesce(jobs.job_data_bytes, job_data_field_len(jobs.job_data)) + i.added_bytes <= i.max_bytes)
     RETURNING ", job_columns!("jobs"), "
 )
 SELECT upd.*, true AS written FROM upd
@@ -270,6 +279,8 @@ pub(crate) async fn compare_and_set_many(
         })
         .collect();
     let versions: Vec<Option<i64>> = changes.iter().map(|c| c.expected_version).collect();
+    let added: Vec<Option<i64>> = changes.iter().map(|c| c.size.map(|s| s.added)).collect();
+    let limits: Vec<Option<i64>> = changes.iter().map(|c| c.size.map(|s| s.limit)).collect();
     Ok(diesel::sql_query(CAS_MANY_SQL)
         .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
         .bind::<Array<Text>, _>(targets)
@@ -278,6 +289,8 @@ pub(crate) async fn compare_and_set_many(
         .bind::<Array<Text>, _>(allowed)
         .bind::<Array<Nullable<BigInt>>, _>(versions)
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
+        .bind::<Array<Nullable<BigInt>>, _>(added)
+        .bind::<Array<Nullable<BigInt>>, _>(limits)
         .prepared()
         .load(&mut conn)
         .await?)

@@ -24,5 +24,6 @@ diesel::table! {
         completed_at -> Nullable<Timestamptz>,
         version -> Int8,
         request_id -> Nullable<Text>,
+        job_data_bytes -> Nullable<Int4>,
     }
 }

@@ -36,6 +36,9 @@ pub struct NewJob {
     pub agent_identifier: String,
     pub job_data: serde_json::Value,
     pub request_id: Option<String>,
+    /// `job_data`'s protobuf-encoded size as a field of a job (kept with the row, for the
+    /// size check of later moves).
+    pub job_data_bytes: i32,
 }
 
 /// A validated status change.
@@ -46,4 +49,15 @@ pub struct StatusChange {
     pub result: Option<serde_json::Value>,
     pub error_message: Option<String>,
     pub expected_version: Option<i64>,
+    /// For a move that stores a result or an error message: the job must stay within the
+    /// size limit with them, or the move does not apply.
+    pub size: Option<SizeCheck>,
+}
+
+/// What a move adds to a job, and the most the job may hold (protobuf-encoded bytes of
+/// job_data, result and error_message together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeCheck {
+    pub added: i64,
+    pub limit: i64,
 }

@@ -8,6 +8,8 @@ pub struct Event {
     pub position: Position,
     /// The transaction that made the change (for skipping what a snapshot already shows).
     pub writer_xid: i64,
+    /// Its JSON and message in bytes of text: what it weighs in a subscriber's queue.
+    pub bytes: usize,
     /// The whole job just after the change.
     pub job: Job,
 }
@@ -17,6 +19,7 @@ impl From<EventRow> for Event {
         Event {
             position: row.position(),
             writer_xid: row.writer_xid,
+            bytes: row.bytes,
             job: row.job,
         }
     }

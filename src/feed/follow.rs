@@ -282,8 +282,8 @@ impl StreamTask {
         let (snapshot, tail) = events::snapshot(&mut conn).await?;
         let mut after = None;
         loop {
-            let page = events::existing_jobs(&mut conn, &self.filter, after, SNAPSHOT_PAGE).await?;
-            let full = page.len() as i64 == SNAPSHOT_PAGE;
+            let (page, full) =
+                events::existing_jobs(&mut conn, &self.filter, after, SNAPSHOT_PAGE).await?;
             after = page.last().map(|j| j.id);
             for job in page {
                 let existing = Box::new(Delivery::Existing(job));
@@ -328,7 +328,7 @@ impl StreamTask {
                 let read = db.exec(|c| events::read(c, at, READ_LIMIT, user)).await;
                 db.finish(read).await?
             };
-            let full = read.events.len() as i64 == READ_LIMIT;
+            let full = read.more;
             for row in read.events {
                 self.offer(tx, &Arc::new(Event::from(row)), state).await?;
             }

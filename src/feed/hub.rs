@@ -1,10 +1,9 @@
 //! The process's feed as its users see it: subscribe to it, and tell it about commits.
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::registry::{Entry, Key, Registry, Subscription};
+use super::registry::{Entry, Key, QueueState, Registry, Subscription};
 use crate::domain::{Position, WatchFilter};
 use crate::metrics::Metrics;
 
@@ -29,17 +28,17 @@ impl Feed {
     /// every caller starts from the history (a snapshot, a catch-up or a re-read).
     pub fn subscribe(self: &Arc<Self>, filter: WatchFilter) -> (Subscription, Position) {
         let (tx, rx) = mpsc::channel(self.queue_events);
-        let lagged = Arc::new(AtomicBool::new(false));
+        let queue = Arc::new(QueueState::default());
         let key = Key::of(&filter);
         let id = self.registry.lock().unwrap().insert(Entry {
             filter,
             key,
             tx,
-            lagged: lagged.clone(),
+            queue: queue.clone(),
         });
         let at = *self.position.borrow();
         self.subscribed.notify_one();
-        (Subscription::new(id, rx, lagged, self.registry.clone()), at)
+        (Subscription::new(id, rx, queue, self.registry.clone()), at)
     }
 
     /// The position published so far; see the field's comment for how to use it.

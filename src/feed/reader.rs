@@ -130,7 +130,7 @@ async fn drain(
             feed.metrics.feed_subscribers.set(0);
             return Ok(read.pending);
         }
-        let full = read.events.len() as i64 == READ_LIMIT;
+        let full = read.more;
         let end = match read.events.last() {
             Some(last) if full => last.position(),
             _ => at.max(read.tail),

@@ -1,7 +1,7 @@
 //! The subscribers of one process, indexed by their most selective filter field (job ids,
 //! agent, user), so an event wakes only the subscribers it may concern, whatever their number.
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -37,7 +37,21 @@ pub(super) struct Entry {
     pub(super) filter: WatchFilter,
     pub(super) key: Key,
     pub(super) tx: mpsc::Sender<Arc<Event>>,
-    pub(super) lagged: Arc<AtomicBool>,
+    pub(super) queue: Arc<QueueState>,
+}
+
+/// The most JSON (in bytes of text) one subscriber's queue holds, besides one event however
+/// large: past it the subscriber is marked lagged and catches up from the history in
+/// bounded reads, as past its event limit.
+pub(super) const QUEUE_BYTES: usize = 16 << 20;
+
+/// What the feed and one subscriber share about its queue.
+#[derive(Debug, Default)]
+pub(super) struct QueueState {
+    /// Events were dropped for it (its queue was full, in events or bytes).
+    lagged: AtomicBool,
+    /// The bytes of the events in its queue.
+    bytes: AtomicUsize,
 }
 
 /// The subscribers of one process, indexed for dispatch.
@@ -129,10 +143,17 @@ impl Registry {
             if !entry.filter.matches(&event.job) {
                 continue;
             }
+            let queued = entry.queue.bytes.load(Ordering::Acquire);
+            if queued > 0 && queued + event.bytes > QUEUE_BYTES {
+                entry.queue.lagged.store(true, Ordering::Release);
+                continue;
+            }
+            entry.queue.bytes.fetch_add(event.bytes, Ordering::AcqRel);
             match entry.tx.try_send(event.clone()) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    entry.lagged.store(true, Ordering::Release);
+                    entry.queue.bytes.fetch_sub(event.bytes, Ordering::AcqRel);
+                    entry.queue.lagged.store(true, Ordering::Release);
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => gone.push(*id),
             }
@@ -147,7 +168,7 @@ impl Registry {
 pub struct Subscription {
     id: u64,
     rx: mpsc::Receiver<Arc<Event>>,
-    lagged: Arc<AtomicBool>,
+    queue: Arc<QueueState>,
     registry: Arc<Mutex<Registry>>,
 }
 
@@ -155,32 +176,39 @@ impl Subscription {
     pub(super) fn new(
         id: u64,
         rx: mpsc::Receiver<Arc<Event>>,
-        lagged: Arc<AtomicBool>,
+        queue: Arc<QueueState>,
         registry: Arc<Mutex<Registry>>,
     ) -> Self {
         Subscription {
             id,
             rx,
-            lagged,
+            queue,
             registry,
         }
     }
 
     /// The next matching event; `None` once the feed is gone.
     pub async fn recv(&mut self) -> Option<Arc<Event>> {
-        self.rx.recv().await
+        let event = self.rx.recv().await?;
+        Some(self.taken(event))
     }
 
     /// A queued event, if any, without waiting.
     pub fn try_recv(&mut self) -> Option<Arc<Event>> {
-        self.rx.try_recv().ok()
+        let event = self.rx.try_recv().ok()?;
+        Some(self.taken(event))
+    }
+
+    fn taken(&self, event: Arc<Event>) -> Arc<Event> {
+        self.queue.bytes.fetch_sub(event.bytes, Ordering::AcqRel);
+        event
     }
 
     /// Whether events were dropped because the queue was full (and clears the mark): the
     /// subscriber must catch up from the history from its last position. Events dispatched
     /// after this call are queued again.
     pub fn take_lagged(&self) -> bool {
-        self.lagged.swap(false, Ordering::AcqRel)
+        self.queue.lagged.swap(false, Ordering::AcqRel)
     }
 }
 

@@ -613,6 +613,18 @@ async fn corpus_of_malformed_requests_gets_exact_codes_and_reasons() {
             strukt("s", text(&"x".repeat((1 << 20) + 1))),
             "PAYLOAD_TOO_LARGE",
         ),
+        (
+            "of 300,000 zeros (600 KB of JSON, 3.3 MB encoded: past the job's limit)",
+            strukt(
+                "z",
+                prost_types::Value {
+                    kind: Some(Kind::ListValue(prost_types::ListValue {
+                        values: vec![num(0.0); 300_000],
+                    })),
+                },
+            ),
+            "PAYLOAD_TOO_LARGE",
+        ),
     ];
     for (what, s, reason) in json_cases {
         cases.push((

@@ -435,6 +435,7 @@ async fn job_data_round_trips_exactly() {
     let limits = jobsvc::api::convert::JsonLimits {
         max_bytes: 1 << 20,
         max_depth: 32,
+        max_job_bytes: 3 << 20,
     };
     let back = jobsvc::api::convert::struct_to_json("job_data", fetched.job_data.unwrap(), limits)
         .unwrap();

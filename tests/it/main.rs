@@ -10,6 +10,7 @@ mod foundation;
 mod h2raw;
 mod harness;
 mod lifecycle;
+mod limits;
 mod list;
 mod ops;
 mod overload;

@@ -13,6 +13,9 @@ use crate::error::{Error, Result};
 pub struct JsonLimits {
     pub max_bytes: usize,
     pub max_depth: usize,
+    /// The most a job may hold: job_data, result and error_message together, as the
+    /// protobuf-encoded fields of a `Job` (see [`super::size`]).
+    pub max_job_bytes: usize,
 }
 
 pub(super) fn nul_error(field: &'static str) -> Error {
@@ -294,6 +297,7 @@ mod tests {
     const LIMITS: JsonLimits = JsonLimits {
         max_bytes: 1 << 20,
         max_depth: 32,
+        max_job_bytes: 3 << 20,
     };
 
     #[test]
@@ -322,8 +326,8 @@ mod tests {
         assert_eq!(err.reason(), "PAYLOAD_TOO_DEEP");
         let lists = json!({ "a": [[[[1]]]] });
         let small = JsonLimits {
-            max_bytes: 1 << 20,
             max_depth: 4,
+            ..LIMITS
         };
         assert_eq!(
             struct_to_json("job_data", json_to_struct(lists), small)
@@ -357,7 +361,7 @@ mod tests {
         let big = json!({ "s": "x".repeat(100) });
         let tiny = JsonLimits {
             max_bytes: 50,
-            max_depth: 32,
+            ..LIMITS
         };
         assert_eq!(
             struct_to_json("job_data", json_to_struct(big), tiny)

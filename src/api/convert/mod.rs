@@ -4,9 +4,9 @@
 pub(crate) mod json;
 pub(crate) mod reply;
 pub(crate) mod request;
+pub(crate) mod size;
 
-pub use json::{
-    JsonColumn, JsonLimits, json_to_struct, json_to_value, struct_to_json, value_to_json,
-};
-pub use reply::{delivery_to_pb, history_to_pb, job_to_pb, stats_to_pb, status_to_pb, timestamp};
-pub use request::*;
+pub use json::{JsonLimits, json_to_struct, json_to_value, struct_to_json, value_to_json};
+pub use reply::timestamp;
+pub(crate) use reply::{delivery_to_pb, fill_page, history_to_pb, job_to_pb, stats_to_pb};
+pub(crate) use request::*;

@@ -48,6 +48,32 @@ pub fn job_to_pb<J: JsonColumn>(row: Job<J>) -> pb::Job {
     }
 }
 
+/// A page of messages from `rows`, in order, ending early when the next one would take the
+/// page past `budget` bytes (always at least one, which the size limit keeps under the
+/// budget). Returns the messages, the cursor of the last one, and whether rows were left out
+/// for the budget: then the page needs a next-page token even if the rows were its last.
+pub fn fill_page<R, M: prost::Message, C>(
+    rows: impl IntoIterator<Item = R>,
+    budget: usize,
+    mut convert: impl FnMut(R) -> (M, C),
+) -> (Vec<M>, Option<C>, bool) {
+    let mut messages = Vec::new();
+    let mut last = None;
+    let mut bytes = 0;
+    for row in rows {
+        let (message, cursor) = convert(row);
+        // The message as a repeated field: a tag and a length besides its bytes.
+        let len = message.encoded_len() + 6;
+        if !messages.is_empty() && bytes + len > budget {
+            return (messages, last, true);
+        }
+        bytes += len;
+        messages.push(message);
+        last = Some(cursor);
+    }
+    (messages, last, false)
+}
+
 /// One entry of a job's history (ListJobEvents).
 pub fn history_to_pb(job_id: Uuid, row: HistoryRow) -> pb::JobEvent {
     pb::JobEvent {

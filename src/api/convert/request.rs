@@ -3,9 +3,12 @@
 use prost_types::Timestamp;
 use uuid::Uuid;
 
-use super::json::{JsonLimits, nul_error, struct_to_json};
+use super::json::{JsonLimits, nul_error, struct_to_json, value_to_json};
+use super::size;
 use crate::api::tokens::{Fingerprint, fingerprint};
-use crate::domain::{Caller, JobStatus, ListFilter, Role, WatchFilter};
+use crate::domain::{
+    Caller, JobStatus, ListFilter, NewJob, Role, SizeCheck, StatusChange, WatchFilter,
+};
 use crate::error::{Error, Result};
 use crate::pb;
 
@@ -235,6 +238,79 @@ pub fn parse_duration(
     })
 }
 
+/// A CreateJob request as the job to create. A job_data that would take the job past the size
+/// limit by itself is refused here, before anything is written.
+pub fn new_job(caller: &Caller, msg: pb::CreateJobRequest, limits: JsonLimits) -> Result<NewJob> {
+    let owner = resolve_user(caller, parse_optional_uuid("user_id", &msg.user_id)?)?;
+    let agent_identifier = validate_agent_identifier("agent_identifier", &msg.agent_identifier)?;
+    let job_data = match msg.job_data {
+        Some(s) => struct_to_json("job_data", s, limits)?,
+        None => serde_json::json!({}),
+    };
+    let job_data_bytes = size::job_data_field_len(&job_data);
+    if job_data_bytes > limits.max_job_bytes {
+        return Err(payload_too_large("job_data", job_data_bytes, limits));
+    }
+    Ok(NewJob {
+        owner,
+        agent_identifier,
+        job_data,
+        request_id: validate_request_id(&msg.request_id)?,
+        job_data_bytes: i32::try_from(job_data_bytes).unwrap_or(i32::MAX),
+    })
+}
+
+/// An UpdateStatus request as a move. A move that stores a result (to COMPLETED) or an error
+/// message (to FAILED) carries what they add, so the compare-and-set applies it only while
+/// the job stays within the size limit.
+pub fn status_change(msg: pb::UpdateStatusRequest, limits: JsonLimits) -> Result<StatusChange> {
+    let target = parse_status("status", msg.status)?;
+    let result = msg
+        .result
+        .map(|v| value_to_json("result", v, limits))
+        .transpose()?;
+    let error_message = validate_error_message(&msg.error_message)?;
+    let stored_result = result.as_ref().filter(|_| target == JobStatus::Completed);
+    let stored_message = error_message
+        .as_deref()
+        .filter(|_| target == JobStatus::Failed);
+    let added = size::outcome_fields_len(stored_result, stored_message);
+    let stores = stored_result.is_some() || stored_message.is_some();
+    if added > limits.max_job_bytes {
+        let field = if stored_result.is_some() {
+            "result"
+        } else {
+            "error_message"
+        };
+        return Err(payload_too_large(field, added, limits));
+    }
+    Ok(StatusChange {
+        id: parse_uuid("id", &msg.id)?,
+        target,
+        result,
+        error_message,
+        expected_version: msg.expected_version,
+        size: stores.then_some(SizeCheck {
+            added: added as i64,
+            limit: limits.max_job_bytes as i64,
+        }),
+    })
+}
+
+/// INVALID_ARGUMENT `PAYLOAD_TOO_LARGE`: what a job would hold with `field`, against the limit.
+pub fn payload_too_large(field: &'static str, bytes: usize, limits: JsonLimits) -> Error {
+    Error::invalid(
+        field,
+        "PAYLOAD_TOO_LARGE",
+        format!(
+            "with this {field} the job would hold {bytes} bytes (job_data, result and \
+             error_message together, encoded as protobuf); the limit is {} \
+             (--max-job-bytes): send less, or keep large payloads elsewhere and pass a reference",
+            limits.max_job_bytes
+        ),
+    )
+}
+
 /// Resolves a request's `user_id` field against the caller: a user may only name itself
 /// (empty means itself); the service role may name anyone, or nobody (`None`).
 pub fn resolve_user(caller: &Caller, requested: Option<Uuid>) -> Result<Option<Uuid>> {
@@ -281,7 +357,16 @@ pub fn list_filter(
             .transpose()?,
         job_data_contains: msg
             .job_data_contains
-            .map(|s| struct_to_json("job_data_contains", s, limits))
+            .map(|s| {
+                // Larger than any job may hold: it could match nothing.
+                let json = struct_to_json("job_data_contains", s, limits)?;
+                match size::job_data_field_len(&json) {
+                    n if n > limits.max_job_bytes => {
+                        Err(payload_too_large("job_data_contains", n, limits))
+                    }
+                    _ => Ok(json),
+                }
+            })
             .transpose()?,
         running_longer_than_us: msg
             .running_longer_than
