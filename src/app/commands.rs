@@ -39,12 +39,11 @@ async fn command_database(
         .into());
     }
     let pg = EmbeddedPg::init(&db_args.data_dir, PgOptions::default())?;
-    let url = pg.url(EMBEDDED_DB);
-    if db::connect(&url).await.is_ok() {
-        return Ok((url, None));
+    if db::connect(&pg.url("postgres")).await.is_ok() {
+        return Ok((pg.service_url(EMBEDDED_DB).await?, None));
     }
     pg.start().await?;
-    pg.ensure_database(EMBEDDED_DB).await?;
+    let url = pg.service_url(EMBEDDED_DB).await?;
     Ok((url, Some(pg)))
 }
 
@@ -91,7 +90,13 @@ pub async fn import(args: ImportArgs) -> Result<(), AppError> {
         db::migrate(&url).await?;
         let mut conn = db::connect(&url).await?;
         let input = tokio::io::BufReader::new(tokio::io::stdin());
-        let done = super::transfer::import(&mut conn, input, args.batch_size.into()).await?;
+        let done = super::transfer::import(
+            &mut conn,
+            input,
+            args.batch_size.into(),
+            args.job_limits.limits(),
+        )
+        .await?;
         eprintln!(
             "read {} jobs: {} inserted, {} already there",
             done.read, done.inserted, done.skipped

@@ -64,10 +64,42 @@ pub struct ExportArgs {
     pub after_id: Option<uuid::Uuid>,
 }
 
+/// What a job may hold, for `serve` and for `import` alike.
+#[derive(Debug, Clone, Args)]
+pub struct JobLimitArgs {
+    /// Largest `job_data` or `result` accepted, in bytes of JSON.
+    #[arg(long, env = "JOBSVC_MAX_JOB_DATA_BYTES", default_value_t = 1 << 20)]
+    pub max_job_data_bytes: usize,
+
+    /// The most a job may hold: job_data, result and error_message together, in bytes of
+    /// encoded protobuf (a Struct can be five times its JSON). At most --max-message-bytes
+    /// less 256 KiB, so every job fits in a response with room to spare.
+    #[arg(long, env = "JOBSVC_MAX_JOB_BYTES", default_value_t = 3 << 20)]
+    pub max_job_bytes: usize,
+
+    /// Deepest nesting of objects and lists accepted in `job_data` or `result`.
+    #[arg(long, env = "JOBSVC_MAX_JOB_DATA_DEPTH", default_value_t = 32)]
+    pub max_job_data_depth: usize,
+}
+
+impl JobLimitArgs {
+    pub(crate) fn limits(&self) -> crate::api::convert::JsonLimits {
+        crate::api::convert::JsonLimits {
+            max_bytes: self.max_job_data_bytes,
+            max_depth: self.max_job_data_depth,
+            max_job_bytes: self.max_job_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ImportArgs {
     #[command(flatten)]
     pub db: DbArgs,
+    /// The limits the service applies, applied to every imported job (a line past them is
+    /// refused with its line number).
+    #[command(flatten)]
+    pub job_limits: JobLimitArgs,
     /// Jobs per INSERT statement.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u16).range(1..=5000))]
     pub batch_size: u16,
@@ -122,19 +154,8 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBSVC_JWT_LEEWAY", default_value = "30s", value_parser = parse_leeway)]
     pub jwt_leeway: Duration,
 
-    /// Largest `job_data` or `result` accepted, in bytes of JSON.
-    #[arg(long, env = "JOBSVC_MAX_JOB_DATA_BYTES", default_value_t = 1 << 20)]
-    pub max_job_data_bytes: usize,
-
-    /// The most a job may hold: job_data, result and error_message together, in bytes of
-    /// encoded protobuf (a Struct can be five times its JSON). At most --max-message-bytes
-    /// less 256 KiB, so every job fits in a response with room to spare.
-    #[arg(long, env = "JOBSVC_MAX_JOB_BYTES", default_value_t = 3 << 20)]
-    pub max_job_bytes: usize,
-
-    /// Deepest nesting of objects and lists accepted in `job_data` or `result`.
-    #[arg(long, env = "JOBSVC_MAX_JOB_DATA_DEPTH", default_value_t = 32)]
-    pub max_job_data_depth: usize,
+    #[command(flatten)]
+    pub job_limits: JobLimitArgs,
 
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "JOBSVC_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]

@@ -8,6 +8,14 @@
 //! The server runs as a child of a dedicated thread that lives as long as it does, with
 //! PR_SET_PDEATHSIG, so it also stops when jobsvc is killed; the next start recovers from the
 //! data directory. As root it runs as the `postgres` user (PostgreSQL refuses root).
+//!
+//! It is private to the account that runs jobsvc: its socket and data directories are
+//! reachable only by their owner (0700, `unix_socket_permissions=0700`, the log 0600), and
+//! every connection authenticates with scram-sha-256. The superuser's password is generated
+//! at `initdb` and kept next to the JWT secret (`pg_superuser_password`, 0600); the service
+//! itself connects as `jobsvc`, a role that is not a superuser and owns its database
+//! ([`EmbeddedPg::service_url`], password in `pg_password`). A cluster made by an older jobsvc
+//! (`trust`, no password file) is given a password and scram at its next start.
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -68,6 +76,12 @@ impl Default for PgOptions {
 }
 
 pub struct EmbeddedPg {
+    /// The data directory (`--data-dir`) the cluster lives under, where the passwords are kept.
+    root: PathBuf,
+    /// The superuser's password (scram-sha-256 for every connection).
+    password: String,
+    /// Made by an older jobsvc with `trust`: secured at the next start.
+    legacy_trust: bool,
     bin_dir: PathBuf,
     data_dir: PathBuf,
     socket_dir: PathBuf,
@@ -129,19 +143,32 @@ impl EmbeddedPg {
         let root = fs::canonicalize(root).map_err(io("resolving the data directory"))?;
         let base = root.join("pg");
         fs::create_dir_all(&base).map_err(io(format!("creating {}", base.display())))?;
+        // Only the owner may list the data directory; the postgres user (when jobsvc runs as
+        // root) may pass through it to its own directory, which only it may enter.
+        let root_mode = if run_as.is_some() { 0o711 } else { 0o700 };
+        fs::set_permissions(&root, fs::Permissions::from_mode(root_mode))
+            .map_err(io("making the data directory private"))?;
         if let Some(user) = &run_as {
-            // The postgres user must reach and own its directory.
-            fs::set_permissions(&root, fs::Permissions::from_mode(0o755))
-                .map_err(io("opening the data directory to the postgres user"))?;
             std::os::unix::fs::chown(&base, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
                 .map_err(io("giving the data directory to the postgres user"))?;
         }
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o700))
+            .map_err(io("making the PostgreSQL directory private"))?;
+        let initialized = base.join("data/PG_VERSION").exists();
+        let password_file = root.join(SUPERUSER_PASSWORD_FILE);
+        let (password, legacy_trust) = match fs::read_to_string(&password_file) {
+            Ok(p) if !p.trim().is_empty() => (p.trim().to_owned(), false),
+            _ => (new_password()?, initialized),
+        };
         let (port, tcp) = match options.tcp_port {
             Some(0) => (free_port()?, true),
             Some(p) => (p, true),
             None => (5432, false),
         };
         let pg = EmbeddedPg {
+            root: root.clone(),
+            password,
+            legacy_trust,
             bin_dir,
             data_dir: base.join("data"),
             socket_dir: base.clone(),
@@ -152,7 +179,9 @@ impl EmbeddedPg {
             run_as,
             child: Arc::new(Mutex::new(None)),
         };
-        if !pg.data_dir.join("PG_VERSION").exists() {
+        if !initialized {
+            // Kept before initdb sets it: a crash in between leaves a file that matches.
+            write_private(&password_file, &pg.password)?;
             pg.initdb()?;
         }
         Ok(pg)
@@ -168,23 +197,33 @@ impl EmbeddedPg {
     }
 
     fn initdb(&self) -> Result<(), PgError> {
+        // initdb reads the superuser's password from a file the postgres user can read, in
+        // its own private directory, removed right after.
+        let pwfile = self.socket_dir.join("initdb-password");
+        write_private(&pwfile, &self.password)?;
+        if let Some(user) = &self.run_as {
+            std::os::unix::fs::chown(&pwfile, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                .map_err(io("giving the password file to the postgres user"))?;
+        }
         let mut cmd = self.command("initdb");
         cmd.arg("-D")
             .arg(&self.data_dir)
             .args([
                 "-U",
                 "postgres",
-                "-A",
-                "trust",
+                "--auth=scram-sha-256",
                 "-E",
                 "UTF8",
                 "--no-instructions",
             ])
+            .arg(format!("--pwfile={}", pwfile.display()))
             .arg("--locale=C.UTF-8");
         if !self.options.durable {
             cmd.arg("--no-sync");
         }
-        let out = cmd.output().map_err(io("running initdb"))?;
+        let out = cmd.output();
+        let _ = fs::remove_file(&pwfile);
+        let out = out.map_err(io("running initdb"))?;
         if !out.status.success() {
             return Err(PgError::Failed(format!(
                 "initdb failed: {}",
@@ -209,7 +248,9 @@ impl EmbeddedPg {
                 if self.tcp { "127.0.0.1" } else { "" }
             ))
             .arg("-c")
-            .arg(format!("max_connections={}", self.options.max_connections));
+            .arg(format!("max_connections={}", self.options.max_connections))
+            .arg("-c")
+            .arg("unix_socket_permissions=0700");
         if !self.options.durable {
             for setting in [
                 "fsync=off",
@@ -219,11 +260,18 @@ impl EmbeddedPg {
                 cmd.arg("-c").arg(setting);
             }
         }
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_file)
-            .map_err(io("opening the PostgreSQL log"))?;
+        let log = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&self.log_file)
+                .map_err(io("opening the PostgreSQL log"))?
+        };
+        // A log made by an older jobsvc was readable by everyone.
+        fs::set_permissions(&self.log_file, fs::Permissions::from_mode(0o600))
+            .map_err(io("making the PostgreSQL log private"))?;
         let log2 = log.try_clone().map_err(io("opening the PostgreSQL log"))?;
         cmd.stdin(Stdio::null())
             .stdout(log)
@@ -275,6 +323,9 @@ impl EmbeddedPg {
             .await
             .is_ok()
             {
+                if self.legacy_trust {
+                    self.secure_legacy_cluster().await?;
+                }
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -315,17 +366,116 @@ impl EmbeddedPg {
         }
     }
 
-    /// A connection string for database `db` (TCP when enabled, else the unix socket).
+    /// A superuser's connection string for database `db` (TCP when enabled, else the unix
+    /// socket), its password included: for setting the cluster up, tests and tools.
     pub fn url(&self, db: &str) -> String {
+        self.url_as("postgres", &self.password, db)
+    }
+
+    fn url_as(&self, user: &str, password: &str, db: &str) -> String {
+        // The passwords are ours, hex digits only: nothing to escape.
         if self.tcp {
-            format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+            format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port)
         } else {
             format!(
-                "host={} port={} user=postgres dbname={db}",
+                "host={} port={} user={user} password={password} dbname={db}",
                 self.socket_dir.display(),
                 self.port
             )
         }
+    }
+
+    /// The connection string jobsvc serves database `db` with: as role `jobsvc`, which is not
+    /// a superuser (it may create the roles the schema needs, nothing more) and owns `db`;
+    /// both are made on first use. A database an older jobsvc made is owned by the superuser,
+    /// and is served as the superuser, with a warning (export and import it into a new data
+    /// directory to change that).
+    pub async fn service_url(&self, db: &str) -> Result<String, PgError> {
+        use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+        #[derive(diesel::QueryableByName)]
+        struct Owner {
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+            owner: Option<String>,
+        }
+        let file = self.root.join(SERVICE_PASSWORD_FILE);
+        let password = match fs::read_to_string(&file) {
+            Ok(p) if !p.trim().is_empty() => p.trim().to_owned(),
+            _ => {
+                let p = new_password()?;
+                write_private(&file, &p)?;
+                p
+            }
+        };
+        let failed = |e: diesel::result::Error| PgError::Failed(format!("setting up {db}: {e}"));
+        let mut conn =
+            <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
+                &self.url("postgres"),
+            )
+            .await
+            .map_err(|e| PgError::Failed(format!("connecting to the private PostgreSQL: {e}")))?;
+        // The role, with the password kept in the data directory (set again each start, so
+        // the file is always the truth). The identifiers and password are ours: no quoting
+        // needed beyond what format gives.
+        conn.batch_execute(&format!(
+            "DO $$ BEGIN \
+               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN \
+                 CREATE ROLE {SERVICE_ROLE} LOGIN CREATEROLE; \
+               END IF; \
+             END $$; \
+             ALTER ROLE {SERVICE_ROLE} WITH LOGIN CREATEROLE NOSUPERUSER PASSWORD '{password}'"
+        ))
+        .await
+        .map_err(failed)?;
+        let owner: Owner = diesel::sql_query(
+            "SELECT (SELECT r.rolname::text FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba \
+                     WHERE d.datname = $1) AS owner",
+        )
+        .bind::<diesel::sql_types::Text, _>(db)
+        .get_result(&mut conn)
+        .await
+        .map_err(failed)?;
+        match owner.owner.as_deref() {
+            None => {
+                conn.batch_execute(&format!("CREATE DATABASE \"{db}\" OWNER {SERVICE_ROLE}"))
+                    .await
+                    .map_err(failed)?;
+            }
+            Some(SERVICE_ROLE) => {}
+            Some(other) => {
+                tracing::warn!(
+                    database = db,
+                    owner = other,
+                    "this private database was made by an older jobsvc and belongs to the \
+                     superuser, so jobsvc serves it as the superuser; export it and import it \
+                     into a new --data-dir to serve it as the unprivileged role {SERVICE_ROLE}"
+                );
+                return Ok(self.url(db));
+            }
+        }
+        Ok(self.url_as(SERVICE_ROLE, &password, db))
+    }
+
+    /// A cluster made by an older jobsvc (`initdb -A trust`): give the superuser its password,
+    /// switch every connection to scram-sha-256, and reload.
+    async fn secure_legacy_cluster(&self) -> Result<(), PgError> {
+        use diesel_async::SimpleAsyncConnection;
+        let mut conn =
+            <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
+                &self.url("postgres"),
+            )
+            .await
+            .map_err(|e| PgError::Failed(format!("connecting to the private PostgreSQL: {e}")))?;
+        conn.batch_execute(&format!("ALTER ROLE postgres PASSWORD '{}'", self.password))
+            .await
+            .map_err(|e| PgError::Failed(format!("setting the superuser's password: {e}")))?;
+        write_private(&self.root.join(SUPERUSER_PASSWORD_FILE), &self.password)?;
+        let hba = self.data_dir.join("pg_hba.conf");
+        fs::write(&hba, PG_HBA).map_err(io("writing pg_hba.conf"))?;
+        conn.batch_execute("SELECT pg_reload_conf()")
+            .await
+            .map_err(|e| PgError::Failed(format!("reloading the configuration: {e}")))?;
+        tracing::info!("private PostgreSQL: switched from trust to scram-sha-256 passwords");
+        Ok(())
     }
 
     /// Creates database `name` unless it exists.
@@ -386,6 +536,42 @@ impl Drop for EmbeddedPg {
             }
         }
     }
+}
+
+/// Where the superuser's password is kept, in the data directory.
+const SUPERUSER_PASSWORD_FILE: &str = "pg_superuser_password";
+/// Where the service role's password is kept, in the data directory.
+const SERVICE_PASSWORD_FILE: &str = "pg_password";
+/// The role jobsvc connects as.
+const SERVICE_ROLE: &str = "jobsvc";
+/// Every connection, on the socket or on loopback, authenticates with a password.
+const PG_HBA: &str = "# Written by jobsvc: every connection authenticates with scram-sha-256.\n\
+local all all scram-sha-256\n\
+host all all 127.0.0.1/32 scram-sha-256\n\
+host all all ::1/128 scram-sha-256\n";
+
+/// 32 random bytes as hex.
+fn new_password() -> Result<String, PgError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| PgError::Failed(format!("no randomness for a password: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A file only its owner can read or write, flushed to disk.
+fn write_private(path: &Path, content: &str) -> Result<(), PgError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = fs::remove_file(path);
+    let mut f = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(format!("creating {}", path.display())))?;
+    f.write_all(content.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io(format!("writing {}", path.display())))
 }
 
 fn free_port() -> Result<u16, PgError> {

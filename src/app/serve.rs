@@ -11,7 +11,6 @@ use super::embedded_pg::{EmbeddedPg, PgOptions};
 use super::{AppError, EMBEDDED_DB, metrics_http, secret, telemetry};
 use crate::api::admission::Admission;
 use crate::api::auth::{self, Authenticator};
-use crate::api::convert::JsonLimits;
 use crate::api::fault::LostResponses;
 use crate::api::server::{self, Limits};
 use crate::api::state::AppState;
@@ -45,9 +44,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
             let secret = secret::secret(&args.secret, true)?;
             let pg = EmbeddedPg::init(&args.secret.data_dir, PgOptions::default())?;
             pg.start().await?;
-            pg.ensure_database(EMBEDDED_DB).await?;
+            let url = pg.service_url(EMBEDDED_DB).await?;
             tracing::info!(socket_dir = %pg.socket_dir().display(), "private PostgreSQL running");
-            let url = pg.url(EMBEDDED_DB);
             embedded = Some(pg);
             (url, secret)
         }
@@ -109,11 +107,11 @@ async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     metrics: Arc<Metrics>,
 ) -> Result<(), AppError> {
-    if args.max_job_bytes + JOB_HEADROOM > args.max_message_bytes {
+    if args.job_limits.max_job_bytes + JOB_HEADROOM > args.max_message_bytes {
         return Err(format!(
             "--max-job-bytes ({}) must leave {JOB_HEADROOM} bytes under --max-message-bytes ({}): \
              a job must always fit in a response",
-            args.max_job_bytes, args.max_message_bytes
+            args.job_limits.max_job_bytes, args.max_message_bytes
         )
         .into());
     }
@@ -145,11 +143,7 @@ async fn start(
         pool: pool.clone(),
         database_url: database_url.into(),
         auth: Authenticator::new(secret, args.jwt_leeway),
-        limits: JsonLimits {
-            max_bytes: args.max_job_data_bytes,
-            max_depth: args.max_job_data_depth,
-            max_job_bytes: args.max_job_bytes,
-        },
+        limits: args.job_limits.limits(),
         max_page_bytes: args.max_message_bytes.saturating_sub(PAGE_HEADROOM),
         tokens,
         feed,

@@ -17,8 +17,9 @@ use diesel_async::AsyncPgConnection;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncBufReadExt;
 
+use crate::api::convert::{self, JsonLimits, size};
 use crate::db::transfer as sql;
-use crate::domain::ExportFilter;
+use crate::domain::{ExportFilter, JobStatus};
 use crate::error::{Error, Result};
 
 const PAGE: i64 = 1000;
@@ -81,11 +82,81 @@ pub struct Imported {
     pub skipped: u64,
 }
 
+/// Checks one line as the API checks a job: what the service would refuse is not imported
+/// either (an agent name with control characters, JSON too deep or too large, a job past the
+/// size limit), so nothing imported can break a call that meets it.
+fn check_line(line: &str, limits: JsonLimits) -> Result<()> {
+    use serde_json::Value as Json;
+    let not_object = || Error::invalid("line", "NOT_A_JOB", "not a JSON object");
+    if !line.trim_start().starts_with('{') {
+        return Err(not_object());
+    }
+    // Parsed only to be checked: the line itself goes to PostgreSQL untouched.
+    let row: serde_json::Map<String, Json> =
+        serde_json::from_str(line).map_err(|e| match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => not_object(),
+            _ => Error::invalid("line", "PAYLOAD_TOO_DEEP", format!("unreadable: {e}")),
+        })?;
+    let text = |field: &'static str| match row.get(field) {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(Error::invalid(
+            field,
+            "NOT_A_JOB",
+            format!("{field} must be a string"),
+        )),
+    };
+    convert::validate_agent_identifier(
+        "agent_identifier",
+        text("agent_identifier")?.unwrap_or(""),
+    )?;
+    if let Some(status) = text("status")?
+        && JobStatus::parse(status).is_none()
+    {
+        return Err(Error::invalid(
+            "status",
+            "INVALID_STATUS",
+            format!("status {status:?} is not pending, running, completed, failed or cancelled"),
+        ));
+    }
+    for field in ["id", "user_id"] {
+        if let Some(id) = text(field)? {
+            convert::parse_uuid(field, id)?;
+        }
+    }
+    convert::validate_request_id(text("request_id")?.unwrap_or(""))?;
+    let error_message = convert::validate_error_message(text("error_message")?.unwrap_or(""))?;
+    let empty = Json::Object(Default::default());
+    let job_data = row
+        .get("job_data")
+        .filter(|v| !v.is_null())
+        .unwrap_or(&empty);
+    if !job_data.is_object() {
+        return Err(Error::invalid(
+            "job_data",
+            "NOT_A_JOB",
+            "job_data must be an object",
+        ));
+    }
+    convert::check_json("job_data", job_data, limits)?;
+    let result = row.get("result").filter(|v| !v.is_null());
+    if let Some(result) = result {
+        convert::check_json("result", result, limits)?;
+    }
+    let bytes = size::job_data_field_len(job_data)
+        + size::outcome_fields_len(result, error_message.as_deref());
+    if bytes > limits.max_job_bytes {
+        return Err(convert::payload_too_large("job_data", bytes, limits));
+    }
+    Ok(())
+}
+
 /// Reads JSON lines from `input` and inserts the jobs, `batch` per statement.
 pub async fn import(
     conn: &mut AsyncPgConnection,
     input: impl tokio::io::AsyncBufRead + Unpin,
     batch: usize,
+    limits: JsonLimits,
 ) -> Result<Imported> {
     let bar = progress("imported");
     let mut lines = input.lines();
@@ -104,12 +175,10 @@ pub async fn import(
             if line.trim().is_empty() {
                 continue;
             }
-            let not_object =
-                || Error::Internal(format!("line {line_no}: not a JSON object").into());
-            if !line.trim_start().starts_with('{') {
-                return Err(not_object());
-            }
-            serde_json::from_str::<serde::de::IgnoredAny>(line).map_err(|_| not_object())?;
+            check_line(line, limits).map_err(|e| {
+                let reason = e.reason();
+                Error::invalid("line", reason, format!("line {line_no}: {e} ({reason})"))
+            })?;
             pending.push(line.clone());
         }
         if pending.len() >= batch || (line.is_none() && !pending.is_empty()) {

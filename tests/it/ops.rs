@@ -702,3 +702,196 @@ async fn an_empty_secret_file_stops_token_and_serve() {
     // Nothing was started: no database directory next to the file.
     assert!(!dir.path().join("pg").exists());
 }
+
+/// `jobsvc serve` with no DATABASE_URL keeps its PostgreSQL private, even in a folder every
+/// local account can traverse: the socket's directory is its owner's alone, every connection
+/// needs a password, the log is private, and the service itself is not a superuser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_private_database_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(folder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = folder.path().join("data");
+    let addr = crate::harness::free_addr();
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobsvc"))
+        .args(["serve", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(&data)
+        .env_remove("JWT_SECRET")
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let secret = || std::fs::read_to_string(data.join("jwt_secret")).unwrap_or_default();
+    eventually(
+        Duration::from_secs(60),
+        "the private server answers",
+        || {
+            let secret = secret();
+            async move {
+                if secret.trim().len() < 32 {
+                    return false;
+                }
+                let token = jobsvc::api::auth::issue(
+                    secret.trim().as_bytes(),
+                    "service_role",
+                    None,
+                    Duration::from_secs(60),
+                );
+                let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                else {
+                    return false;
+                };
+                let mut c = pb::job_service_client::JobServiceClient::with_interceptor(
+                    channel,
+                    Bearer::new(Some(&token)),
+                );
+                c.list_jobs(pb::ListJobsRequest::default()).await.is_ok()
+            }
+        },
+    )
+    .await;
+
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let socket_dir = data.join("pg");
+    assert_eq!(mode(&socket_dir), 0o700, "the socket's directory");
+    assert_eq!(mode(&socket_dir.join("data")), 0o700, "the data directory");
+    assert_eq!(mode(&socket_dir.join("postgres.log")), 0o600, "the log");
+    for file in ["jwt_secret", "pg_superuser_password", "pg_password"] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+    let socket = format!("host={} port=5432 dbname=jobsvc", socket_dir.display());
+    const WHO: &str = "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user";
+    let psql = |user: &str, password: Option<String>, query: &str| {
+        let mut cmd = std::process::Command::new("psql");
+        cmd.arg(format!("{socket} user={user}"))
+            .args(["-XAtc", query])
+            .env_remove("PGPASSWORD");
+        if let Some(p) = password {
+            cmd.env("PGPASSWORD", p);
+        }
+        cmd.output().unwrap()
+    };
+    // No password, no connection, even for the account that owns it.
+    let out = psql("postgres", None, WHO);
+    assert!(
+        !out.status.success(),
+        "a connection without a password was let in"
+    );
+    // The service's own role is not a superuser.
+    let password = std::fs::read_to_string(data.join("pg_password")).unwrap();
+    let out = psql("jobsvc", Some(password.trim().into()), WHO);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "jobsvc|f");
+    // And every connection of the running server is that role's.
+    let superuser = std::fs::read_to_string(data.join("pg_superuser_password")).unwrap();
+    let out = psql(
+        "postgres",
+        Some(superuser.trim().into()),
+        "SELECT string_agg(DISTINCT usename, ',') FROM pg_stat_activity \
+         WHERE datname = 'jobsvc' AND pid <> pg_backend_pid()",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "jobsvc");
+    // Another local account cannot reach the socket at all.
+    if nix_is_root() {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "nobody", "--", "psql"])
+            .arg(format!("{socket} user=postgres"))
+            .args(["-XAtc", "SELECT 1"])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "another account reached the database"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("ermission denied"), "{err}");
+    }
+    let _ = server.kill().await;
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// `jobsvc import` applies the service's own checks to every line and names the line it
+/// refuses: what the API would never accept cannot come in through a backup either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_refuses_what_the_service_would_and_names_the_line() {
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    let good = r#"{"id": "6f1d0d52-5a8d-4a5b-9a64-0d1a7f3f0a01", "agent_identifier": "ok", "status": "pending", "job_data": {"a": 1}}"#;
+    let zeros = vec!["0"; 300_000].join(",");
+    let cases: Vec<(String, &str)> = vec![
+        (
+            r#"{"agent_identifier": "a\u0007b", "status": "pending", "job_data": {}}"#.into(),
+            "agent_identifier",
+        ),
+        (
+            r#"{"agent_identifier": "a\u202eb", "status": "pending", "job_data": {}}"#.into(),
+            "invisible",
+        ),
+        (
+            r#"{"agent_identifier": "ok", "status": "sleeping", "job_data": {}}"#.into(),
+            "status",
+        ),
+        (
+            format!(r#"{{"agent_identifier": "ok", "status": "pending", "job_data": {{"z": [{zeros}]}}}}"#),
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            format!(
+                r#"{{"agent_identifier": "ok", "status": "pending", "job_data": {}1{}}}"#,
+                r#"{"a":"#.repeat(40),
+                "}".repeat(40)
+            ),
+            "deeper",
+        ),
+        (
+            r#"{"agent_identifier": "ok", "status": "failed", "job_data": {}, "error_message": "x\u0000"}"#.into(),
+            "U+0000",
+        ),
+        ("[1, 2]".into(), "not a JSON object"),
+    ];
+    for (bad, says) in cases {
+        let input = format!("{good}\n\n{bad}\n");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobsvc"))
+            .args(["import", "--database-url", &url])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).await.unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "imported: {bad:.80}");
+        assert!(
+            stderr.contains("line 3") && stderr.contains(says),
+            "for {bad:.80}: {stderr}"
+        );
+    }
+    // The refused lines wrote nothing: the good line of the same batch did not go in either.
+    let mut conn = jobsvc::db::connect(&url).await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let count: Count = diesel_async::RunQueryDsl::get_result(
+        diesel::sql_query("SELECT count(*) AS n FROM jobs"),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    assert_eq!(count.n, 0);
+}

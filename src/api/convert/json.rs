@@ -40,6 +40,39 @@ pub fn value_to_json(field: &'static str, v: Value, limits: JsonLimits) -> Resul
     Ok(json)
 }
 
+/// JSON that did not come through protobuf (an imported line): the same checks as
+/// [`struct_to_json`] and [`value_to_json`] apply, depth, U+0000 and size.
+pub fn check_json(field: &'static str, json: &Json, limits: JsonLimits) -> Result<()> {
+    fn walk(field: &'static str, json: &Json, depth: usize, limits: JsonLimits) -> Result<()> {
+        let nested = |items: &mut dyn Iterator<Item = &Json>| -> Result<()> {
+            if depth + 1 > limits.max_depth {
+                return Err(Error::invalid(
+                    field,
+                    "PAYLOAD_TOO_DEEP",
+                    format!("{field} nests deeper than {} levels", limits.max_depth),
+                ));
+            }
+            for v in items {
+                walk(field, v, depth + 1, limits)?;
+            }
+            Ok(())
+        };
+        match json {
+            Json::String(s) if s.contains('\0') => Err(nul_error(field)),
+            Json::Array(items) => nested(&mut items.iter()),
+            Json::Object(map) => {
+                if map.keys().any(|k| k.contains('\0')) {
+                    return Err(nul_error(field));
+                }
+                nested(&mut map.values())
+            }
+            _ => Ok(()),
+        }
+    }
+    walk(field, json, 0, limits)?;
+    check_size(field, json, limits)
+}
+
 fn check_size(field: &'static str, json: &Json, limits: JsonLimits) -> Result<()> {
     let size = serde_json::to_vec(json)
         .map_err(|e| Error::Internal(Box::new(e)))?

@@ -6,6 +6,7 @@ pub(crate) mod reply;
 pub(crate) mod request;
 pub(crate) mod size;
 
+pub(crate) use json::check_json;
 pub use json::{JsonLimits, json_to_struct, json_to_value, struct_to_json, value_to_json};
 pub use reply::timestamp;
 pub(crate) use reply::{delivery_to_pb, fill_page, history_to_pb, job_to_pb, stats_to_pb};
