@@ -492,3 +492,98 @@ async fn per_user_limits_on_streams_and_waits() {
     drop(held);
     server.stop().await;
 }
+
+/// A measurement, not a check (run it with `cargo test --release -- --ignored
+/// a_hog_resuming_100_streams`): how available the pool stays to a probe tenant while another
+/// tenant opens 100 streams resumed from a token older than 300,000 events of other tenants'
+/// history (what six days of a busy service leave). Prints the probe's latencies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; prints figures"]
+async fn a_hog_resuming_100_streams_leaves_the_pool_to_others() {
+    let server = TestServer::start().await;
+    let (hog, probe) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut h = server.user(hog).await;
+    let mut p = server.user(probe).await;
+    let mine = p.create_job(create("probe")).await.unwrap().into_inner();
+    // The hog's resume token, taken before the history grows.
+    let mut stream = h
+        .stream_job_updates(pb::StreamJobUpdatesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let token = loop {
+        let u = stream.message().await.unwrap().unwrap();
+        if !u.resume_token.is_empty() {
+            break u.resume_token;
+        }
+    };
+    drop(stream);
+    let mut conn = jobsvc::db::connect(&server.db_url).await.unwrap();
+    diesel_async::RunQueryDsl::execute(
+        diesel::sql_query(
+            "INSERT INTO jobs (user_id, agent_identifier) \
+             SELECT gen_random_uuid(), 'others' FROM generate_series(1, 300000)",
+        ),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut hogs = Vec::new();
+    for _ in 0..100 {
+        let mut h = h.clone();
+        let token = token.clone();
+        let (opened, refused) = (opened.clone(), refused.clone());
+        hogs.push(tokio::spawn(async move {
+            match h
+                .stream_job_updates(pb::StreamJobUpdatesRequest {
+                    resume_token: token,
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(s) => {
+                    opened.fetch_add(1, Relaxed);
+                    let mut s = s.into_inner();
+                    while let Ok(Some(_)) = s.message().await {}
+                }
+                Err(_) => {
+                    refused.fetch_add(1, Relaxed);
+                }
+            }
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut failures = 0;
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        let t = Instant::now();
+        match p
+            .get_job(pb::GetJobRequest {
+                id: mine.id.clone(),
+            })
+            .await
+        {
+            Ok(_) => latencies.push(t.elapsed()),
+            Err(_) => failures += 1,
+        }
+    }
+    latencies.sort();
+    let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "hog streams: {} opened, {} refused; probe GetJob over 10 s: {} ok, {failures} failed, \
+         p50 {:?}, p99 {:?}, max {:?}",
+        opened.load(Relaxed),
+        refused.load(Relaxed),
+        latencies.len(),
+        pct(0.5),
+        pct(0.99),
+        latencies.last().unwrap()
+    );
+    assert_eq!(failures, 0);
+    for h in hogs {
+        h.abort();
+    }
+    server.stop().await;
+}
