@@ -27,33 +27,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, User};
 
-/// The command that installs the server on this machine kind.
-pub(crate) const INSTALL_HINT: &str = "apt-get update && apt-get install -y postgresql";
-
-#[derive(Debug, thiserror::Error)]
-pub enum PgError {
-    #[error(
-        "no PostgreSQL server binaries found (initdb and postgres on PATH or under /usr/lib/postgresql/*/bin); install them with: {INSTALL_HINT}"
-    )]
-    NotInstalled,
-    #[error(
-        "PostgreSQL refuses to run as root and there is no `postgres` user to run it as; install PostgreSQL with: {INSTALL_HINT}"
-    )]
-    NoPostgresUser,
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Failed(String),
-}
-
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgError {
-    let what = what.into();
-    move |source| PgError::Io { what, source }
-}
+mod access;
+mod error;
+mod files;
+pub use error::PgError;
+use error::io;
+use files::{SUPERUSER_PASSWORD_FILE, new_password, write_private};
 
 /// How the private server listens and how hard it tries to be durable.
 #[derive(Debug, Clone)]
@@ -385,99 +364,6 @@ impl EmbeddedPg {
         }
     }
 
-    /// The connection string jobsvc serves database `db` with: as role `jobsvc`, which is not
-    /// a superuser (it may create the roles the schema needs, nothing more) and owns `db`;
-    /// both are made on first use. A database an older jobsvc made is owned by the superuser,
-    /// and is served as the superuser, with a warning (export and import it into a new data
-    /// directory to change that).
-    pub async fn service_url(&self, db: &str) -> Result<String, PgError> {
-        use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-        #[derive(diesel::QueryableByName)]
-        struct Owner {
-            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-            owner: Option<String>,
-        }
-        let file = self.root.join(SERVICE_PASSWORD_FILE);
-        let password = match fs::read_to_string(&file) {
-            Ok(p) if !p.trim().is_empty() => p.trim().to_owned(),
-            _ => {
-                let p = new_password()?;
-                write_private(&file, &p)?;
-                p
-            }
-        };
-        let failed = |e: diesel::result::Error| PgError::Failed(format!("setting up {db}: {e}"));
-        let mut conn =
-            <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
-                &self.url("postgres"),
-            )
-            .await
-            .map_err(|e| PgError::Failed(format!("connecting to the private PostgreSQL: {e}")))?;
-        // The role, with the password kept in the data directory (set again each start, so
-        // the file is always the truth). The identifiers and password are ours: no quoting
-        // needed beyond what format gives.
-        conn.batch_execute(&format!(
-            "DO $$ BEGIN \
-               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN \
-                 CREATE ROLE {SERVICE_ROLE} LOGIN CREATEROLE; \
-               END IF; \
-             END $$; \
-             ALTER ROLE {SERVICE_ROLE} WITH LOGIN CREATEROLE NOSUPERUSER PASSWORD '{password}'"
-        ))
-        .await
-        .map_err(failed)?;
-        let owner: Owner = diesel::sql_query(
-            "SELECT (SELECT r.rolname::text FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba \
-                     WHERE d.datname = $1) AS owner",
-        )
-        .bind::<diesel::sql_types::Text, _>(db)
-        .get_result(&mut conn)
-        .await
-        .map_err(failed)?;
-        match owner.owner.as_deref() {
-            None => {
-                conn.batch_execute(&format!("CREATE DATABASE \"{db}\" OWNER {SERVICE_ROLE}"))
-                    .await
-                    .map_err(failed)?;
-            }
-            Some(SERVICE_ROLE) => {}
-            Some(other) => {
-                tracing::warn!(
-                    database = db,
-                    owner = other,
-                    "this private database was made by an older jobsvc and belongs to the \
-                     superuser, so jobsvc serves it as the superuser; export it and import it \
-                     into a new --data-dir to serve it as the unprivileged role {SERVICE_ROLE}"
-                );
-                return Ok(self.url(db));
-            }
-        }
-        Ok(self.url_as(SERVICE_ROLE, &password, db))
-    }
-
-    /// A cluster made by an older jobsvc (`initdb -A trust`): give the superuser its password,
-    /// switch every connection to scram-sha-256, and reload.
-    async fn secure_legacy_cluster(&self) -> Result<(), PgError> {
-        use diesel_async::SimpleAsyncConnection;
-        let mut conn =
-            <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(
-                &self.url("postgres"),
-            )
-            .await
-            .map_err(|e| PgError::Failed(format!("connecting to the private PostgreSQL: {e}")))?;
-        conn.batch_execute(&format!("ALTER ROLE postgres PASSWORD '{}'", self.password))
-            .await
-            .map_err(|e| PgError::Failed(format!("setting the superuser's password: {e}")))?;
-        write_private(&self.root.join(SUPERUSER_PASSWORD_FILE), &self.password)?;
-        let hba = self.data_dir.join("pg_hba.conf");
-        fs::write(&hba, PG_HBA).map_err(io("writing pg_hba.conf"))?;
-        conn.batch_execute("SELECT pg_reload_conf()")
-            .await
-            .map_err(|e| PgError::Failed(format!("reloading the configuration: {e}")))?;
-        tracing::info!("private PostgreSQL: switched from trust to scram-sha-256 passwords");
-        Ok(())
-    }
-
     /// Creates database `name` unless it exists.
     pub async fn ensure_database(&self, name: &str) -> Result<(), PgError> {
         use diesel::sql_types::Text;
@@ -536,42 +422,6 @@ impl Drop for EmbeddedPg {
             }
         }
     }
-}
-
-/// Where the superuser's password is kept, in the data directory.
-const SUPERUSER_PASSWORD_FILE: &str = "pg_superuser_password";
-/// Where the service role's password is kept, in the data directory.
-const SERVICE_PASSWORD_FILE: &str = "pg_password";
-/// The role jobsvc connects as.
-const SERVICE_ROLE: &str = "jobsvc";
-/// Every connection, on the socket or on loopback, authenticates with a password.
-const PG_HBA: &str = "# Written by jobsvc: every connection authenticates with scram-sha-256.\n\
-local all all scram-sha-256\n\
-host all all 127.0.0.1/32 scram-sha-256\n\
-host all all ::1/128 scram-sha-256\n";
-
-/// 32 random bytes as hex.
-fn new_password() -> Result<String, PgError> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| PgError::Failed(format!("no randomness for a password: {e}")))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// A file only its owner can read or write, flushed to disk.
-fn write_private(path: &Path, content: &str) -> Result<(), PgError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = fs::remove_file(path);
-    let mut f = fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(format!("creating {}", path.display())))?;
-    f.write_all(content.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(io(format!("writing {}", path.display())))
 }
 
 fn free_port() -> Result<u16, PgError> {
