@@ -48,6 +48,28 @@ impl JobSvc {
         Ok(caller)
     }
 
+    /// One unary call, whole: its record (span, metrics, log line), authentication, then the
+    /// `work` of the authenticated caller, [`Self::guarded`].
+    async fn unary<T, R, Fut>(
+        &self,
+        method: &'static str,
+        request: Request<T>,
+        admit: bool,
+        work: impl FnOnce(Caller, Request<T>) -> Fut,
+    ) -> Result<Response<R>, Status>
+    where
+        Fut: Future<Output = Result<R>>,
+    {
+        let call = CallRecord::start(method, &request, &self.state.metrics);
+        let result = async {
+            let caller = self.authenticate(&request)?;
+            self.guarded(admit, work(caller, request)).await
+        }
+        .instrument(call.span.clone())
+        .await;
+        call.finish(result)
+    }
+
     /// Runs an authenticated caller's work: refused at once while the database is down,
     /// abandoned if it goes down meanwhile, and (when `admit`) counted against the concurrency
     /// limit. Callers authenticate first (cheap, and cached): a call without a valid token
@@ -136,210 +158,171 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = CallRecord::start("CreateJob", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            self.guarded(true, async {
-                let new = convert::new_job(&caller, request.into_inner(), self.state.limits)?;
-                let (row, new) = self.state.creates.create(caller, new).await?;
-                if row.written {
-                    self.committed()?;
-                } else if row.job.agent_identifier != new.agent_identifier
-                    || row.job.job_data.as_ref() != Some(&new.job_data)
-                {
-                    return Err(Error::IdempotencyKeyReused {
-                        request_id: new.request_id.clone().unwrap_or_default(),
-                    });
-                }
-                Ok(convert::job_to_pb(row.job))
-            })
-            .await
-        }
-        .instrument(call.span.clone())
-        .await;
-        call.finish(result)
+        self.unary("CreateJob", request, true, |caller, request| async move {
+            let new = convert::new_job(&caller, request.into_inner(), self.state.limits)?;
+            let (row, new) = self.state.creates.create(caller, new).await?;
+            if row.written {
+                self.committed()?;
+            } else if row.job.agent_identifier != new.agent_identifier
+                || row.job.job_data.as_ref() != Some(&new.job_data)
+            {
+                return Err(Error::IdempotencyKeyReused {
+                    request_id: new.request_id.clone().unwrap_or_default(),
+                });
+            }
+            Ok(convert::job_to_pb(row.job))
+        })
+        .await
     }
 
     async fn get_job(
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = CallRecord::start("GetJob", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            self.guarded(true, async {
-                let id = convert::parse_uuid("id", &request.get_ref().id)?;
-                Ok(convert::job_to_pb(self.get(&caller, id).await?))
-            })
-            .await
-        }
-        .instrument(call.span.clone())
-        .await;
-        call.finish(result)
+        self.unary("GetJob", request, true, |caller, request| async move {
+            let id = convert::parse_uuid("id", &request.get_ref().id)?;
+            Ok(convert::job_to_pb(self.get(&caller, id).await?))
+        })
+        .await
     }
 
     async fn update_status(
         &self,
         request: Request<pb::UpdateStatusRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = CallRecord::start("UpdateStatus", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            self.guarded(true, async {
+        self.unary(
+            "UpdateStatus",
+            request,
+            true,
+            |caller, request| async move {
                 let change = convert::status_change(request.into_inner(), self.state.limits)?;
                 Ok(convert::job_to_pb(
                     self.apply_change(&caller, change).await?,
                 ))
-            })
-            .await
-        }
-        .instrument(call.span.clone())
-        .await;
-        call.finish(result)
+            },
+        )
+        .await
     }
 
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = CallRecord::start("CancelJob", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            self.guarded(true, async {
-                let change = StatusChange {
-                    id: convert::parse_uuid("id", &request.get_ref().id)?,
-                    target: JobStatus::Cancelled,
-                    result: None,
-                    error_message: None,
-                    expected_version: None,
-                    size: None,
-                };
-                Ok(convert::job_to_pb(
-                    self.apply_change(&caller, change).await?,
-                ))
-            })
-            .await
-        }
-        .instrument(call.span.clone())
-        .await;
-        call.finish(result)
+        self.unary("CancelJob", request, true, |caller, request| async move {
+            let change = StatusChange {
+                id: convert::parse_uuid("id", &request.get_ref().id)?,
+                target: JobStatus::Cancelled,
+                result: None,
+                error_message: None,
+                expected_version: None,
+                size: None,
+            };
+            Ok(convert::job_to_pb(
+                self.apply_change(&caller, change).await?,
+            ))
+        })
+        .await
     }
 
     async fn wait_job(
         &self,
         request: Request<pb::WaitJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        let call = CallRecord::start("WaitJob", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            self.guarded(false, async {
-                let msg = request.into_inner();
-                let id = convert::parse_uuid("id", &msg.id)?;
-                let timeout = match msg.timeout {
-                    None => WAIT_DEFAULT,
-                    Some(d) => convert::parse_duration("timeout", d)?.min(WAIT_MAX),
-                };
-                let deadline = tokio::time::Instant::now() + timeout;
-                let expires = tokio::time::Instant::now() + caller.valid_for();
-                let _waiting = self.state.caller_limits.waits.enter(&caller)?;
-                // Subscribe before the first read, so a change between the two is not missed.
-                let (mut changes, _) = self.state.feed.subscribe(WatchFilter {
-                    job_ids: [id].into(),
-                    ..Default::default()
-                });
-                let mut shutdown = self.state.shutdown.clone();
-                loop {
-                    let job = self.get(&caller, id).await?;
-                    let now = tokio::time::Instant::now();
-                    if job.status.is_terminal() {
-                        return Ok(convert::job_to_pb(job));
-                    }
-                    // A wait outlives neither the caller's token nor its timeout.
-                    if now >= expires {
-                        return Err(Error::token_expired());
-                    }
-                    if now >= deadline || *shutdown.borrow() {
-                        return Ok(convert::job_to_pb(job));
-                    }
-                    let wake = (now + WAIT_REREAD_INTERVAL).min(deadline).min(expires);
-                    tokio::select! {
-                        _ = wait_for_change(&mut changes) => {}
-                        _ = tokio::time::sleep_until(wake) => {}
-                        _ = shutdown.changed() => {}
-                    }
+        self.unary("WaitJob", request, false, |caller, request| async move {
+            let msg = request.into_inner();
+            let id = convert::parse_uuid("id", &msg.id)?;
+            let timeout = match msg.timeout {
+                None => WAIT_DEFAULT,
+                Some(d) => convert::parse_duration("timeout", d)?.min(WAIT_MAX),
+            };
+            let deadline = tokio::time::Instant::now() + timeout;
+            let expires = tokio::time::Instant::now() + caller.valid_for();
+            let _waiting = self.state.caller_limits.waits.enter(&caller)?;
+            // Subscribe before the first read, so a change between the two is not missed.
+            let (mut changes, _) = self.state.feed.subscribe(WatchFilter {
+                job_ids: [id].into(),
+                ..Default::default()
+            });
+            let mut shutdown = self.state.shutdown.clone();
+            loop {
+                let job = self.get(&caller, id).await?;
+                let now = tokio::time::Instant::now();
+                if job.status.is_terminal() {
+                    return Ok(convert::job_to_pb(job));
                 }
-            })
-            .await
-        }
-        .instrument(call.span.clone())
-        .await;
-        call.finish(result)
+                // A wait outlives neither the caller's token nor its timeout.
+                if now >= expires {
+                    return Err(Error::token_expired());
+                }
+                if now >= deadline || *shutdown.borrow() {
+                    return Ok(convert::job_to_pb(job));
+                }
+                let wake = (now + WAIT_REREAD_INTERVAL).min(deadline).min(expires);
+                tokio::select! {
+                    _ = wait_for_change(&mut changes) => {}
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        })
+        .await
     }
 
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let call = CallRecord::start("ListJobs", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            self.guarded(true, async {
-                let mut msg = request.into_inner();
-                let page_size = convert::page_size(msg.page_size)?;
-                let page_token = std::mem::take(&mut msg.page_token);
-                let Some(filter) = convert::list_filter(&caller, msg, self.state.limits)? else {
-                    return Ok(pb::ListJobsResponse::default());
+        self.unary("ListJobs", request, true, |caller, request| async move {
+            let mut msg = request.into_inner();
+            let page_size = convert::page_size(msg.page_size)?;
+            let page_token = std::mem::take(&mut msg.page_token);
+            let Some(filter) = convert::list_filter(&caller, msg, self.state.limits)? else {
+                return Ok(pb::ListJobsResponse::default());
+            };
+            let fingerprint = convert::list_fingerprint(&filter);
+            let after = match page_token.as_str() {
+                "" => None,
+                token => Some(self.state.tokens.open_page_token(token, &fingerprint)?),
+            };
+            let plans = match filter.plan_depends_on_values() {
+                true => db::Plans::Custom,
+                false => db::Plans::Generic,
+            };
+            let mut db = db::scoped_with_plans(&self.state.pool, &caller, plans).await?;
+            let rows = db
+                .exec(|c| db::jobs::list(c, &filter, after, page_size + 1))
+                .await;
+            let mut rows = db.finish(rows).await?;
+            let more = rows.len() as i64 > page_size;
+            rows.truncate(page_size as usize);
+            let (jobs, last, cut) = convert::fill_page(rows, self.state.max_page_bytes, |row| {
+                let cursor = PageCursor {
+                    created_at: row.created_at,
+                    id: row.id,
                 };
-                let fingerprint = convert::list_fingerprint(&filter);
-                let after = match page_token.as_str() {
-                    "" => None,
-                    token => Some(self.state.tokens.open_page_token(token, &fingerprint)?),
-                };
-                let plans = match filter.plan_depends_on_values() {
-                    true => db::Plans::Custom,
-                    false => db::Plans::Generic,
-                };
-                let mut db = db::scoped_with_plans(&self.state.pool, &caller, plans).await?;
-                let rows = db
-                    .exec(|c| db::jobs::list(c, &filter, after, page_size + 1))
-                    .await;
-                let mut rows = db.finish(rows).await?;
-                let more = rows.len() as i64 > page_size;
-                rows.truncate(page_size as usize);
-                let (jobs, last, cut) =
-                    convert::fill_page(rows, self.state.max_page_bytes, |row| {
-                        let cursor = PageCursor {
-                            created_at: row.created_at,
-                            id: row.id,
-                        };
-                        (convert::job_to_pb(row), cursor)
-                    });
-                let next_page_token = match last {
-                    Some(cursor) if more || cut => {
-                        self.state.tokens.page_token(&fingerprint, cursor)
-                    }
-                    _ => String::new(),
-                };
-                Ok(pb::ListJobsResponse {
-                    jobs,
-                    next_page_token,
-                })
+                (convert::job_to_pb(row), cursor)
+            });
+            let next_page_token = match last {
+                Some(cursor) if more || cut => self.state.tokens.page_token(&fingerprint, cursor),
+                _ => String::new(),
+            };
+            Ok(pb::ListJobsResponse {
+                jobs,
+                next_page_token,
             })
-            .await
-        }
-        .instrument(call.span.clone())
-        .await;
-        call.finish(result)
+        })
+        .await
     }
 
     async fn list_job_events(
         &self,
         request: Request<pb::ListJobEventsRequest>,
     ) -> Result<Response<pb::ListJobEventsResponse>, Status> {
-        let call = CallRecord::start("ListJobEvents", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            self.guarded(true, async {
+        self.unary(
+            "ListJobEvents",
+            request,
+            true,
+            |caller, request| async move {
                 let msg = request.into_inner();
                 let job_id = convert::parse_uuid("job_id", &msg.job_id)?;
                 let page_size = convert::page_size(msg.page_size)?;
@@ -382,12 +365,9 @@ impl pb::job_service_server::JobService for JobSvc {
                     events,
                     next_page_token,
                 })
-            })
-            .await
-        }
-        .instrument(call.span.clone())
-        .await;
-        call.finish(result)
+            },
+        )
+        .await
     }
 
     type StreamJobUpdatesStream = UpdateStream;
@@ -455,29 +435,22 @@ impl pb::job_service_server::JobService for JobSvc {
         &self,
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::JobStats>, Status> {
-        let call = CallRecord::start("GetStats", &request, &self.state.metrics);
-        let result = async {
-            let caller = self.authenticate(&request)?;
-            self.guarded(true, async {
-                let msg = request.into_inner();
-                let user = convert::resolve_user(
-                    &caller,
-                    convert::parse_optional_uuid("user_id", &msg.user_id)?,
-                )?;
-                let agent = match msg.agent_identifier.as_str() {
-                    "" => None,
-                    a => Some(convert::validate_agent_identifier("agent_identifier", a)?),
-                };
-                let mut db = db::scoped(&self.state.pool, &caller).await?;
-                let figures = db.exec(|c| db::stats::get(c, user, agent.as_deref())).await;
-                let (counts, oldest) = db.finish(figures).await?;
-                Ok(convert::stats_to_pb(counts, oldest))
-            })
-            .await
-        }
-        .instrument(call.span.clone())
-        .await;
-        call.finish(result)
+        self.unary("GetStats", request, true, |caller, request| async move {
+            let msg = request.into_inner();
+            let user = convert::resolve_user(
+                &caller,
+                convert::parse_optional_uuid("user_id", &msg.user_id)?,
+            )?;
+            let agent = match msg.agent_identifier.as_str() {
+                "" => None,
+                a => Some(convert::validate_agent_identifier("agent_identifier", a)?),
+            };
+            let mut db = db::scoped(&self.state.pool, &caller).await?;
+            let figures = db.exec(|c| db::stats::get(c, user, agent.as_deref())).await;
+            let (counts, oldest) = db.finish(figures).await?;
+            Ok(convert::stats_to_pb(counts, oldest))
+        })
+        .await
     }
 }
 
