@@ -42,8 +42,14 @@ class JobServiceStub:
     another user: PERMISSION_DENIED.
     - `service_role` callers see every job, and may create a job for any `user_id` or
     owned by no user.
-    - An open stream ends with UNAUTHENTICATED when its token expires (plus the server's
-    clock leeway, at most 60 s).
+    - An open stream, or a waiting WaitJob, ends with UNAUTHENTICATED (reason
+    TOKEN_EXPIRED) when its token expires (plus the server's clock leeway, at most 60 s).
+
+    Limits: what a job holds (job_data, result and error_message together, encoded) is
+    limited (3 MiB by default): a create or move past it is INVALID_ARGUMENT
+    (PAYLOAD_TOO_LARGE) and writes nothing, and no answer is ever too large to send. A user
+    may hold a limited number of open streams, waiting WaitJobs and initial-job snapshots
+    at once; past them, RESOURCE_EXHAUSTED (reason TOO_MANY_STREAMS).
 
     Errors: every error has a message a person can act on and a `google.rpc.ErrorInfo`
     detail (in `grpc-status-details-bin`) with domain "jobsvc" and a stable UPPER_SNAKE
@@ -126,8 +132,14 @@ class JobServiceServicer:
     another user: PERMISSION_DENIED.
     - `service_role` callers see every job, and may create a job for any `user_id` or
     owned by no user.
-    - An open stream ends with UNAUTHENTICATED when its token expires (plus the server's
-    clock leeway, at most 60 s).
+    - An open stream, or a waiting WaitJob, ends with UNAUTHENTICATED (reason
+    TOKEN_EXPIRED) when its token expires (plus the server's clock leeway, at most 60 s).
+
+    Limits: what a job holds (job_data, result and error_message together, encoded) is
+    limited (3 MiB by default): a create or move past it is INVALID_ARGUMENT
+    (PAYLOAD_TOO_LARGE) and writes nothing, and no answer is ever too large to send. A user
+    may hold a limited number of open streams, waiting WaitJobs and initial-job snapshots
+    at once; past them, RESOURCE_EXHAUSTED (reason TOO_MANY_STREAMS).
 
     Errors: every error has a message a person can act on and a `google.rpc.ErrorInfo`
     detail (in `grpc-status-details-bin`) with domain "jobsvc" and a stable UPPER_SNAKE
@@ -179,7 +191,10 @@ class JobServiceServicer:
         and the requested status. Otherwise, `expected_version` set and different from the
         job's `version`: ABORTED (reason VERSION_MISMATCH); re-read the job and decide
         again. A target status of JOB_STATUS_UNSPECIFIED or an unknown value:
-        INVALID_ARGUMENT. No such job, or one the caller may not see: NOT_FOUND.
+        INVALID_ARGUMENT. A `result` or `error_message` that would take the job past the
+        server's size limit (with its `job_data`): INVALID_ARGUMENT (reason
+        PAYLOAD_TOO_LARGE), and the job is left as it was. No such job, or one the caller
+        may not see: NOT_FOUND.
 
         Every change increments `version` by 1 and is recorded in the job's history
         (ListJobEvents). Timestamps come from the database clock, never from the client.
@@ -206,7 +221,9 @@ class JobServiceServicer:
         then (check `status` to tell the two apart). For clients that will not hold a
         stream: "wait for job X and give me its result". Set the call's gRPC deadline
         longer than `timeout`, or the call ends with DEADLINE_EXCEEDED instead. No such
-        job, or one the caller may not see: NOT_FOUND.
+        job, or one the caller may not see: NOT_FOUND. A caller's token that expires first
+        ends the wait with UNAUTHENTICATED (TOKEN_EXPIRED); a user with too many waits
+        already: RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,7 +274,9 @@ class JobServiceServicer:
         A subscriber too slow to keep up never slows the others or the writers: it is
         caught up from the stored history, or its stream ends with RESOURCE_EXHAUSTED and
         it resumes from its token. The stream ends with UNAUTHENTICATED when the caller's
-        token expires: reconnect with a fresh token and the last `resume_token`.
+        token expires, wherever it is: reconnect with a fresh token and the last
+        `resume_token`. A user with too many open streams, or snapshots being read:
+        RESOURCE_EXHAUSTED (TOO_MANY_STREAMS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -345,8 +364,14 @@ class JobService:
     another user: PERMISSION_DENIED.
     - `service_role` callers see every job, and may create a job for any `user_id` or
     owned by no user.
-    - An open stream ends with UNAUTHENTICATED when its token expires (plus the server's
-    clock leeway, at most 60 s).
+    - An open stream, or a waiting WaitJob, ends with UNAUTHENTICATED (reason
+    TOKEN_EXPIRED) when its token expires (plus the server's clock leeway, at most 60 s).
+
+    Limits: what a job holds (job_data, result and error_message together, encoded) is
+    limited (3 MiB by default): a create or move past it is INVALID_ARGUMENT
+    (PAYLOAD_TOO_LARGE) and writes nothing, and no answer is ever too large to send. A user
+    may hold a limited number of open streams, waiting WaitJobs and initial-job snapshots
+    at once; past them, RESOURCE_EXHAUSTED (reason TOO_MANY_STREAMS).
 
     Errors: every error has a message a person can act on and a `google.rpc.ErrorInfo`
     detail (in `grpc-status-details-bin`) with domain "jobsvc" and a stable UPPER_SNAKE
