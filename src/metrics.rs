@@ -27,6 +27,15 @@ pub struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// `accepted` or `refused`.
+    pub outcome: &'static str,
+    /// The refusal's ErrorInfo reason (`TOKEN_EXPIRED`, `TOKEN_INVALID`,
+    /// `TOKEN_WRONG_AUDIENCE`, ...); empty when accepted.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
 }
@@ -52,6 +61,7 @@ pub struct Metrics {
     pub pool_waiting: Gauge,
     pub jobs: Family<StatusLabels, Gauge>,
     pub slow_queries: Counter,
+    pub auth: Family<AuthLabels, Counter>,
     pub database_up: Gauge,
     pub create_batch_rows: Histogram,
     pub update_batch_rows: Histogram,
@@ -150,6 +160,12 @@ impl Metrics {
             "Database calls slower than the slow-query threshold",
             slow_queries.clone(),
         );
+        let auth = Family::<AuthLabels, Counter>::default();
+        registry.register(
+            "auth_checks",
+            "Calls' tokens checked, by outcome and the refusal's reason",
+            auth.clone(),
+        );
         let database_up = Gauge::default();
         registry.register(
             "database_up",
@@ -191,6 +207,7 @@ impl Metrics {
             pool_waiting,
             jobs,
             slow_queries,
+            auth,
             database_up,
             create_batch_rows,
             update_batch_rows,

@@ -4,6 +4,11 @@
 //! pinned: a token naming any other, `none` included, is refused), `exp` required, `nbf`
 //! checked, both with a small explicit leeway; `role` is `authenticated` (with the user's UUID
 //! in `sub`) or `service_role`.
+//!
+//! During a rotation the previous secrets verify too ([`Authenticator::with_previous`]), so
+//! replicas restarted one by one accept each other's callers. When configured, `aud` and `iss`
+//! are checked ([`ClaimsPolicy`]); anonymous sign-ins (`is_anonymous`) are users unless
+//! refused.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,10 +22,25 @@ use uuid::Uuid;
 use crate::domain::{Caller, Role};
 use crate::error::{Error, Result};
 
+/// What a token's claims must say besides its role and lifetime.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimsPolicy {
+    /// When not empty, a token that carries `aud` must name one of these. A token without
+    /// `aud` is accepted only for the service role (Supabase's legacy service keys have none).
+    pub audiences: Vec<String>,
+    /// When not empty, `iss` must be one of these (Supabase: `https://<ref>.supabase.co/auth/v1`
+    /// for user tokens, `supabase` for the legacy keys).
+    pub issuers: Vec<String>,
+    /// Refuse anonymous sign-ins (`is_anonymous: true`) with PERMISSION_DENIED.
+    pub refuse_anonymous: bool,
+}
+
 /// Verifies bearer tokens.
 #[derive(Clone)]
 pub struct Authenticator {
-    key: DecodingKey,
+    /// The current secret first, then the previous ones (during a rotation).
+    keys: Vec<DecodingKey>,
+    policy: ClaimsPolicy,
     validation: Validation,
     /// Added to every token's expiry.
     leeway_secs: i64,
@@ -48,11 +68,25 @@ impl Authenticator {
         validation.validate_aud = false;
         validation.required_spec_claims = ["exp".to_string()].into_iter().collect();
         Authenticator {
-            key: DecodingKey::from_secret(secret),
+            keys: vec![DecodingKey::from_secret(secret)],
+            policy: ClaimsPolicy::default(),
             validation,
             leeway_secs: leeway.as_secs() as i64,
             verified: Arc::default(),
         }
+    }
+
+    /// Also accepts tokens signed with these secrets: the ones being rotated out (or in).
+    pub fn with_previous(mut self, secrets: &[Vec<u8>]) -> Self {
+        self.keys
+            .extend(secrets.iter().map(|s| DecodingKey::from_secret(s)));
+        self
+    }
+
+    /// Checks `aud`, `iss` and `is_anonymous` as `policy` says.
+    pub fn with_policy(mut self, policy: ClaimsPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Reads `authorization: Bearer <JWT>` from call metadata.
@@ -99,27 +133,34 @@ impl Authenticator {
         Ok(caller)
     }
 
-    /// Checks a token's signature and claims.
+    /// Checks a token's signature (against the current secret, then the previous ones) and
+    /// its claims.
     fn verify_signed(&self, token: &str) -> Result<Caller> {
-        let data =
-            jsonwebtoken::decode::<HashMap<String, Value>>(token, &self.key, &self.validation)
-                .map_err(|e| match e.kind() {
-                    ErrorKind::ExpiredSignature => Error::unauthenticated(
-                        "TOKEN_EXPIRED",
-                        "the token has expired; get a new one",
-                    ),
-                    ErrorKind::ImmatureSignature => Error::unauthenticated(
-                        "TOKEN_NOT_YET_VALID",
-                        "the token is not valid yet (nbf is in the future)",
-                    ),
-                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                        bad_token("only HS256 tokens are accepted")
-                    }
-                    ErrorKind::InvalidSignature => bad_token("bad signature"),
-                    ErrorKind::MissingRequiredClaim(c) => bad_token(&format!("missing claim {c}")),
-                    _ => bad_token("malformed"),
-                })?;
+        let mut decoded = Err(jsonwebtoken::errors::ErrorKind::InvalidSignature.into());
+        for key in &self.keys {
+            decoded = jsonwebtoken::decode::<HashMap<String, Value>>(token, key, &self.validation);
+            match &decoded {
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
+                _ => break,
+            }
+        }
+        let data = decoded.map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => {
+                Error::unauthenticated("TOKEN_EXPIRED", "the token has expired; get a new one")
+            }
+            ErrorKind::ImmatureSignature => Error::unauthenticated(
+                "TOKEN_NOT_YET_VALID",
+                "the token is not valid yet (nbf is in the future)",
+            ),
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                bad_token("only HS256 tokens are accepted")
+            }
+            ErrorKind::InvalidSignature => bad_token("bad signature"),
+            ErrorKind::MissingRequiredClaim(c) => bad_token(&format!("missing claim {c}")),
+            _ => bad_token("malformed"),
+        })?;
         let claims = data.claims;
+        self.check_policy(&claims)?;
         let expires_at = claims
             .get("exp")
             .and_then(Value::as_i64)
@@ -148,6 +189,50 @@ impl Authenticator {
             role,
             expires_at.saturating_add(self.leeway_secs),
         ))
+    }
+}
+
+impl Authenticator {
+    /// `aud`, `iss` and `is_anonymous`, as the policy says.
+    fn check_policy(&self, claims: &HashMap<String, Value>) -> Result<()> {
+        let policy = &self.policy;
+        if !policy.issuers.is_empty() {
+            let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+            if !policy.issuers.iter().any(|i| i == iss) {
+                return Err(Error::unauthenticated(
+                    "TOKEN_WRONG_ISSUER",
+                    format!("the token's issuer {iss:?} is not one this server accepts"),
+                ));
+            }
+        }
+        if !policy.audiences.is_empty() {
+            let named: Vec<&str> = match claims.get("aud") {
+                Some(Value::String(a)) => vec![a.as_str()],
+                Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+                _ => Vec::new(),
+            };
+            let service = claims.get("role").and_then(Value::as_str) == Some("service_role");
+            let fits = match named.is_empty() {
+                // Supabase's legacy service keys carry no audience.
+                true => service && claims.get("aud").is_none(),
+                false => named
+                    .iter()
+                    .any(|a| policy.audiences.iter().any(|w| w == a)),
+            };
+            if !fits {
+                return Err(Error::unauthenticated(
+                    "TOKEN_WRONG_AUDIENCE",
+                    "the token's audience is not one this server accepts",
+                ));
+            }
+        }
+        if policy.refuse_anonymous && claims.get("is_anonymous") == Some(&Value::Bool(true)) {
+            return Err(Error::denied(
+                "ANONYMOUS_NOT_ALLOWED",
+                "anonymous sign-ins may not use this server; sign in first",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -21,7 +21,7 @@ use crate::domain::{
 use crate::error::{Error, Result};
 use crate::feed::Subscription;
 use crate::feed::follow::{self, Start, StreamTask};
-use crate::metrics::GaugeGuard;
+use crate::metrics::{AuthLabels, GaugeGuard};
 use crate::pb;
 
 /// WaitJob re-reads the job when the change feed shows a change to it; this re-read is only a
@@ -43,7 +43,19 @@ impl JobSvc {
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller> {
-        let caller = self.state.auth.authenticate(request.metadata())?;
+        let checked = self.state.auth.authenticate(request.metadata());
+        let labels = match &checked {
+            Ok(_) => AuthLabels {
+                outcome: "accepted",
+                reason: "",
+            },
+            Err(e) => AuthLabels {
+                outcome: "refused",
+                reason: e.reason(),
+            },
+        };
+        self.state.metrics.auth.get_or_create(&labels).inc();
+        let caller = checked?;
         tracing::Span::current().record("role", caller.role_name());
         Ok(caller)
     }

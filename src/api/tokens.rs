@@ -4,7 +4,10 @@
 //! A token is `base64url(payload || tag)`, where the tag is HMAC-SHA256 over the payload with
 //! a key derived from the JWT secret (so every replica sharing the secret accepts the others'
 //! tokens), truncated to 16 bytes. The payload starts with a kind byte, so a token of one kind
-//! never parses as another. Page tokens carry the time they were issued and expire after
+//! never parses as another. Between payload and tag stands the signing key's id: during a
+//! rotation of the JWT secret, tokens signed under a previous secret still open
+//! ([`TokenKey::with_previous`]), so no cursor is lost in a rolling restart. Page tokens carry
+//! the time they were issued and expire after
 //! [`PAGE_TOKEN_TTL`]; resume tokens carry the caller's scope (the user, or the service role),
 //! so a token taken from one user's stream is refused on another's.
 use base64::Engine;
@@ -20,6 +23,8 @@ use crate::error::{Error, Result};
 type HmacSha256 = hmac::Hmac<Sha256>;
 
 const TAG_LEN: usize = 16;
+/// Bytes of the key id every token carries.
+const KEY_ID_LEN: usize = 4;
 // Kinds 1 to 4 were the first round's formats (no expiry, no scope); they are refused.
 const KIND_RESUME: u8 = 5;
 const KIND_RESUME_SNAPSHOT: u8 = 6;
@@ -41,7 +46,33 @@ const SCOPE_LEN: usize = 17;
 /// Signs and verifies tokens.
 #[derive(Clone)]
 pub struct TokenKey {
+    /// The current key first (it signs), then the previous secrets' (they only open).
+    keys: Vec<SigningKey>,
+}
+
+#[derive(Clone)]
+struct SigningKey {
     key: [u8; 32],
+    /// Names the key in the tokens it signs.
+    id: [u8; KEY_ID_LEN],
+}
+
+impl SigningKey {
+    /// The token key of a JWT secret (a separate key, never the secret itself).
+    fn derive(secret: &[u8]) -> Self {
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+        mac.update(b"jobsvc token key v1");
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&mac.finalize().into_bytes());
+        let digest = Sha256::digest([&key[..], b"key id"].concat());
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(&digest[..KEY_ID_LEN]);
+        SigningKey { key, id }
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length")
+    }
 }
 
 /// A digest of a request's filter; a page token is only valid with the filter it was made for.
@@ -76,38 +107,46 @@ impl Words<'_> {
 impl TokenKey {
     /// Derives the token key from the JWT secret (a separate key, never the secret itself).
     pub fn derive(secret: &[u8]) -> Self {
-        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
-        mac.update(b"jobsvc token key v1");
-        let mut key = [0u8; 32];
-        key.copy_from_slice(&mac.finalize().into_bytes());
-        TokenKey { key }
+        TokenKey {
+            keys: vec![SigningKey::derive(secret)],
+        }
     }
 
-    fn mac(&self) -> HmacSha256 {
-        HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length")
+    /// Also opens the tokens signed under these JWT secrets (a rotation's previous ones).
+    pub fn with_previous(mut self, secrets: &[Vec<u8>]) -> Self {
+        self.keys
+            .extend(secrets.iter().map(|s| SigningKey::derive(s)));
+        self
     }
 
+    /// `payload || key id || tag`, the tag over the first two, by the current key.
     fn seal(&self, payload: &[u8]) -> String {
-        let mut mac = self.mac();
-        mac.update(payload);
+        let signer = &self.keys[0];
+        let mut bytes = Vec::with_capacity(payload.len() + KEY_ID_LEN + TAG_LEN);
+        bytes.extend_from_slice(payload);
+        bytes.extend_from_slice(&signer.id);
+        let mut mac = signer.mac();
+        mac.update(&bytes);
         let tag = mac.finalize().into_bytes();
-        let mut bytes = payload.to_vec();
         bytes.extend_from_slice(&tag[..TAG_LEN]);
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    /// The payload of a token this key signed, or `None` for anything else.
+    /// The payload of a token one of the keys signed, or `None` for anything else.
     fn open(&self, token: &str) -> Option<Vec<u8>> {
         if token.len() > MAX_TOKEN_CHARS {
             return None;
         }
         let bytes = URL_SAFE_NO_PAD.decode(token).ok()?;
         let split = bytes.len().checked_sub(TAG_LEN)?;
-        let (payload, tag) = bytes.split_at(split);
-        let mut mac = self.mac();
-        mac.update(payload);
+        let (signed, tag) = bytes.split_at(split);
+        let payload_len = signed.len().checked_sub(KEY_ID_LEN)?;
+        let id = &signed[payload_len..];
+        let key = self.keys.iter().find(|k| k.id[..] == *id)?;
+        let mut mac = key.mac();
+        mac.update(signed);
         mac.verify_truncated_left(tag).ok()?;
-        Some(payload.to_vec())
+        Some(signed[..payload_len].to_vec())
     }
 
     pub(crate) fn page_token(&self, filter: &Fingerprint, cursor: PageCursor) -> String {
@@ -450,6 +489,51 @@ mod tests {
                 assert_eq!(events.unwrap_err().reason(), "PAGE_TOKEN_EXPIRED");
             }
         }
+    }
+
+    /// During a rotation, tokens signed under a previous secret still open, and new tokens
+    /// are signed under the current one, which the old replicas (holding it as previous)
+    /// open too. A key that is neither opens nothing, and the key id cannot be swapped.
+    #[test]
+    fn tokens_survive_a_rotation_of_the_secret() {
+        let (old, new) = (
+            b"old-secret-old-secret-old-secret!".to_vec(),
+            b"new-secret-new-secret-new-secret!".to_vec(),
+        );
+        let before = TokenKey::derive(&old);
+        let adding = TokenKey::derive(&old).with_previous(std::slice::from_ref(&new));
+        let swapped = TokenKey::derive(&new).with_previous(std::slice::from_ref(&old));
+        let after = TokenKey::derive(&new);
+        let me = service();
+        let at = Position { xid: 5, seq: 1 };
+        let f = fingerprint(b"filter");
+        let cursor = PageCursor {
+            created_at: DateTime::from_timestamp_micros(1_764_000_000_000_000).unwrap(),
+            id: Uuid::new_v4(),
+        };
+        for signer in [&before, &adding] {
+            let resume = signer.resume_token(&me, at);
+            let page = signer.page_token(&f, cursor);
+            for reader in [&before, &adding, &swapped] {
+                assert_eq!(reader.open_resume_token(&resume, &me).unwrap().0, at);
+                assert_eq!(reader.open_page_token(&page, &f).unwrap(), cursor);
+            }
+            assert!(after.open_resume_token(&resume, &me).is_err());
+        }
+        let resume = swapped.resume_token(&me, at);
+        for reader in [&adding, &swapped, &after] {
+            assert_eq!(reader.open_resume_token(&resume, &me).unwrap().0, at);
+        }
+        assert!(before.open_resume_token(&resume, &me).is_err());
+        // The old key's id on the new key's token: the tag no longer matches.
+        let mut bytes = URL_SAFE_NO_PAD.decode(&resume).unwrap();
+        let id_at = bytes.len() - TAG_LEN - KEY_ID_LEN;
+        bytes[id_at..id_at + KEY_ID_LEN].copy_from_slice(&before.keys[0].id);
+        assert!(
+            swapped
+                .open_resume_token(&URL_SAFE_NO_PAD.encode(bytes), &me)
+                .is_err()
+        );
     }
 
     mod fuzz {

@@ -124,6 +124,17 @@ pub struct SecretArgs {
     #[arg(long, env = "JOBSVC_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
     pub jwt_secret_file: Option<PathBuf>,
 
+    /// Secrets accepted besides the current one, during a rotation (repeatable; in the
+    /// environment, comma-separated): callers' tokens and the page and resume tokens signed
+    /// with them still verify. Nothing is signed with them. See docs/operations.md.
+    #[arg(
+        long = "jwt-previous-secret",
+        env = "JWT_PREVIOUS_SECRETS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub jwt_previous_secrets: Vec<String>,
+
     /// Directory for the embedded PostgreSQL and the generated secret.
     #[arg(long, env = "JOBSVC_DATA_DIR", default_value = ".jobsvc")]
     pub data_dir: PathBuf,
@@ -149,6 +160,28 @@ pub struct ServeArgs {
     /// Log line format; verbosity comes from RUST_LOG (default "info").
     #[arg(long, env = "JOBSVC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Accepted token audiences (repeatable; comma-separated in the environment). When set, a
+    /// token's `aud` must name one of them; a token without `aud` passes only as the service
+    /// role (Supabase's legacy service keys have none). Supabase's user tokens say
+    /// `authenticated`. Unset: not checked.
+    #[arg(
+        long = "jwt-audience",
+        env = "JOBSVC_JWT_AUDIENCE",
+        value_delimiter = ','
+    )]
+    pub jwt_audiences: Vec<String>,
+
+    /// Accepted token issuers (repeatable; comma-separated in the environment). When set,
+    /// `iss` must be one of them. Supabase: `https://<ref>.supabase.co/auth/v1` for user
+    /// tokens, `supabase` for its legacy keys. Unset: not checked.
+    #[arg(long = "jwt-issuer", env = "JOBSVC_JWT_ISSUER", value_delimiter = ',')]
+    pub jwt_issuers: Vec<String>,
+
+    /// Refuse anonymous sign-ins (`is_anonymous: true`) with PERMISSION_DENIED; by default
+    /// they are users like any other.
+    #[arg(long, env = "JOBSVC_REFUSE_ANONYMOUS")]
+    pub refuse_anonymous: bool,
 
     /// Clock leeway for token `exp` and `nbf`, at most 60 s.
     #[arg(long, env = "JOBSVC_JWT_LEEWAY", default_value = "30s", value_parser = parse_leeway)]

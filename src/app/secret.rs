@@ -56,6 +56,20 @@ pub(super) fn secret(args: &SecretArgs, create: bool) -> Result<Vec<u8>, AppErro
     }
 }
 
+/// The previous secrets of a rotation, each checked as the current one is.
+pub(super) fn previous_secrets(args: &SecretArgs) -> Result<Vec<Vec<u8>>, AppError> {
+    args.jwt_previous_secrets
+        .iter()
+        .map(|s| {
+            checked(
+                s.as_bytes(),
+                "JWT_PREVIOUS_SECRETS (or --jwt-previous-secret)",
+                "each previous secret is a secret that was current",
+            )
+        })
+        .collect()
+}
+
 /// The trimmed secret, if it is long enough; else an error naming `source` and the repair.
 fn checked(bytes: &[u8], source: &str, repair: &str) -> Result<Vec<u8>, AppError> {
     let trimmed = bytes.trim_ascii();
@@ -135,6 +149,7 @@ mod tests {
         SecretArgs {
             jwt_secret: None,
             jwt_secret_file: None,
+            jwt_previous_secrets: Vec::new(),
             data_dir: dir.to_owned(),
         }
     }

@@ -10,7 +10,7 @@ use super::config::ServeArgs;
 use super::embedded_pg::{EmbeddedPg, PgOptions};
 use super::{AppError, EMBEDDED_DB, metrics_http, secret, telemetry};
 use crate::api::admission::Admission;
-use crate::api::auth::{self, Authenticator};
+use crate::api::auth::{self, Authenticator, ClaimsPolicy};
 use crate::api::fault::LostResponses;
 use crate::api::server::{self, Limits};
 use crate::api::state::AppState;
@@ -118,7 +118,8 @@ async fn start(
     let pool = db::pool(database_url, args.pool_size)?
         .watch_slow_calls(args.slow_query_threshold, metrics.slow_queries.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let tokens = TokenKey::derive(secret);
+    let previous = secret::previous_secrets(&args.secret)?;
+    let tokens = TokenKey::derive(secret).with_previous(&previous);
     if let Some(addr) = args.metrics_listen {
         let listener = metrics_http::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "metrics listening");
@@ -142,7 +143,13 @@ async fn start(
     let state = Arc::new(AppState {
         pool: pool.clone(),
         database_url: database_url.into(),
-        auth: Authenticator::new(secret, args.jwt_leeway),
+        auth: Authenticator::new(secret, args.jwt_leeway)
+            .with_previous(&previous)
+            .with_policy(ClaimsPolicy {
+                audiences: args.jwt_audiences.clone(),
+                issuers: args.jwt_issuers.clone(),
+                refuse_anonymous: args.refuse_anonymous,
+            }),
         limits: args.job_limits.limits(),
         max_page_bytes: args.max_message_bytes.saturating_sub(PAGE_HEADROOM),
         tokens,

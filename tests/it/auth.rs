@@ -637,3 +637,318 @@ async fn token_expiry_ends_waits_and_snapshots() {
     assert_eq!(harness::reason(&end), "TOKEN_EXPIRED");
     server.stop().await;
 }
+
+/// Tokens as a current Supabase project issues them: with the audience and issuers
+/// configured, a user token carrying every Supabase claim works end to end (create, list,
+/// stream), and so does a legacy service key (iss `supabase`, no aud); a wrong audience or
+/// issuer is UNAUTHENTICATED with its reason, and anonymous sign-ins are refused when the
+/// flag says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supabase_shaped_tokens_audience_issuer_and_anonymous_users() {
+    let pg = harness::shared_pg().await;
+    let url = harness::fresh_database(&pg).await;
+    const ISSUER: &str = "https://abcdefghijklmnop.supabase.co/auth/v1";
+    let metrics_port = crate::harness::free_addr().port().to_string();
+    let server = TestServer::start_on(
+        &url,
+        &[
+            "--metrics-listen",
+            &metrics_port,
+            "--jwt-audience",
+            "authenticated",
+            "--jwt-issuer",
+            ISSUER,
+            "--jwt-issuer",
+            "supabase",
+            "--refuse-anonymous",
+        ],
+    )
+    .await;
+    let now = chrono::Utc::now().timestamp();
+    let user = Uuid::new_v4();
+    let hs256 = serde_json::json!({"alg": "HS256", "typ": "JWT"});
+    let user_claims = |aud: &str, iss: &str, anonymous: bool| {
+        serde_json::json!({
+            "iss": iss, "aud": aud, "sub": user.to_string(), "role": "authenticated",
+            "exp": now + 600, "iat": now, "aal": "aal1",
+            "session_id": Uuid::new_v4().to_string(), "is_anonymous": anonymous,
+            "email": "someone@example.com", "app_metadata": {"provider": "email"},
+        })
+    };
+    let token = sign(
+        hs256.clone(),
+        user_claims("authenticated", ISSUER, false),
+        SECRET.as_bytes(),
+    );
+    let mut c = server.client(Some(&token)).await;
+    let made = c
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: "supabase".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a Supabase user token creates")
+        .into_inner();
+    assert_eq!(made.user_id, user.to_string());
+    let listed = c
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.jobs.len(), 1);
+    let mut stream = c
+        .stream_job_updates(pb::StreamJobUpdatesRequest {
+            include_existing: true,
+            ..Default::default()
+        })
+        .await
+        .expect("and streams")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first.event, Some(pb::job_update::Event::Job(j)) if j.id == made.id));
+
+    // Supabase's legacy service key: iss "supabase", no aud, no sub.
+    let legacy = sign(
+        hs256.clone(),
+        serde_json::json!({"iss": "supabase", "role": "service_role", "exp": now + 600, "iat": now}),
+        SECRET.as_bytes(),
+    );
+    assert_eq!(
+        crate::harness::all_jobs(&mut server.client(Some(&legacy)).await)
+            .await
+            .len(),
+        1
+    );
+
+    let refused: [(serde_json::Value, Code, &str); 4] = [
+        (
+            user_claims("anon", ISSUER, false),
+            Code::Unauthenticated,
+            "TOKEN_WRONG_AUDIENCE",
+        ),
+        (
+            user_claims("authenticated", "https://other.supabase.co/auth/v1", false),
+            Code::Unauthenticated,
+            "TOKEN_WRONG_ISSUER",
+        ),
+        (
+            serde_json::json!({"sub": user.to_string(), "role": "authenticated", "exp": now + 600, "iss": ISSUER}),
+            Code::Unauthenticated,
+            "TOKEN_WRONG_AUDIENCE",
+        ),
+        (
+            user_claims("authenticated", ISSUER, true),
+            Code::PermissionDenied,
+            "ANONYMOUS_NOT_ALLOWED",
+        ),
+    ];
+    for (claims, code, reason) in refused {
+        let token = sign(hs256.clone(), claims, SECRET.as_bytes());
+        let answer = server
+            .client(Some(&token))
+            .await
+            .list_jobs(pb::ListJobsRequest::default())
+            .await;
+        assert_err(answer, code, reason);
+    }
+    // Each check is counted by outcome and reason.
+    let text = crate::ops::scrape(metrics_port.parse().unwrap()).await;
+    for (series, n) in [
+        (
+            r#"jobsvc_auth_checks_total{outcome="refused",reason="TOKEN_WRONG_AUDIENCE"}"#,
+            2.0,
+        ),
+        (
+            r#"jobsvc_auth_checks_total{outcome="refused",reason="TOKEN_WRONG_ISSUER"}"#,
+            1.0,
+        ),
+        (
+            r#"jobsvc_auth_checks_total{outcome="refused",reason="ANONYMOUS_NOT_ALLOWED"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(crate::ops::sample(&text, series), Some(n), "{series}");
+    }
+    assert!(
+        crate::ops::sample(
+            &text,
+            r#"jobsvc_auth_checks_total{outcome="accepted",reason=""}"#
+        ) >= Some(4.0)
+    );
+    server.stop().await;
+}
+
+/// A rotation of the JWT secret across two replicas, as docs/operations.md's runbook does it
+/// (add the new secret as previous everywhere, swap, then remove the old): callers' tokens
+/// signed with either secret keep working throughout, and a page token, a resume token and
+/// a waiting WaitJob taken before the rotation go on after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_across_two_replicas_loses_no_caller_and_no_cursor() {
+    const OLD: &str = "old-secret-old-secret-old-secret-0001";
+    const NEW: &str = "new-secret-new-secret-new-secret-0002";
+    let pg = harness::shared_pg().await;
+    let url = harness::fresh_database(&pg).await;
+    let user = Uuid::new_v4();
+    let token = |secret: &str| {
+        jobsvc::api::auth::issue(
+            secret.as_bytes(),
+            "authenticated",
+            Some(user),
+            Duration::from_secs(3600),
+        )
+    };
+    let (old_token, new_token) = (token(OLD), token(NEW));
+    let a = TestServer::start_with_secret(&url, OLD, &[]).await;
+    let b = TestServer::start_with_secret(&url, OLD, &[]).await;
+
+    // Before: three jobs, a page token, a resume token and a waiting WaitJob, all under OLD.
+    let mut ca = a.client(Some(&old_token)).await;
+    let mut made = Vec::new();
+    for _ in 0..3 {
+        made.push(
+            ca.create_job(harness::create("rot"))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let page = ca
+        .list_jobs(pb::ListJobsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = ca
+        .stream_job_updates(pb::StreamJobUpdatesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let resume = loop {
+        let u = stream.message().await.unwrap().unwrap();
+        if matches!(u.event, Some(pb::job_update::Event::Synced(_))) {
+            break u.resume_token;
+        }
+    };
+    drop(stream);
+    let waited = {
+        let mut cb = b.client(Some(&old_token)).await;
+        let id = made[0].id.clone();
+        tokio::spawn(async move {
+            cb.wait_job(pb::WaitJobRequest {
+                id,
+                timeout: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+            })
+            .await
+        })
+    };
+
+    // 1. Add NEW as previous everywhere, one replica at a time.
+    let previous = |s: &str| vec!["--jwt-previous-secret".to_string(), s.to_string()];
+    let start = |secret: &'static str, extra: Vec<String>| {
+        let url = url.clone();
+        async move {
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            TestServer::start_with_secret(&url, secret, &extra).await
+        }
+    };
+    a.stop().await;
+    let a = start(OLD, previous(NEW)).await;
+    // Mid-rotation, both secrets work on the restarted replica; the other still runs OLD.
+    for t in [&old_token, &new_token] {
+        assert_eq!(
+            harness::all_jobs(&mut a.client(Some(t)).await).await.len(),
+            3
+        );
+    }
+    b.stop().await;
+    let b = start(OLD, previous(NEW)).await;
+    // The wait was cut by its replica's restart: it answered with the job as it was.
+    let answer = waited
+        .await
+        .unwrap()
+        .expect("the wait answers, not UNAUTHENTICATED");
+    assert_eq!(answer.into_inner().status, S::Pending as i32);
+
+    // 2. Swap: NEW is current, OLD previous.
+    a.stop().await;
+    let a = start(NEW, previous(OLD)).await;
+    b.stop().await;
+    let b = start(NEW, previous(OLD)).await;
+    for server in [&a, &b] {
+        for t in [&old_token, &new_token] {
+            let mut c = server.client(Some(t)).await;
+            assert_eq!(
+                harness::all_jobs(&mut c).await.len(),
+                3,
+                "no UNAUTHENTICATED"
+            );
+            // The page token taken before the rotation goes on.
+            let next = c
+                .list_jobs(pb::ListJobsRequest {
+                    page_size: 1,
+                    page_token: page.next_page_token.clone(),
+                    ..Default::default()
+                })
+                .await
+                .expect("the page token survives the rotation")
+                .into_inner();
+            assert_eq!(next.jobs.len(), 1);
+            assert_ne!(next.jobs[0].id, page.jobs[0].id);
+        }
+    }
+    // The resume token taken before the rotation delivers what happened since.
+    let mut cb = b.client(Some(&new_token)).await;
+    cb.cancel_job(pb::CancelJobRequest {
+        id: made[1].id.clone(),
+    })
+    .await
+    .unwrap();
+    let mut resumed = cb
+        .stream_job_updates(pb::StreamJobUpdatesRequest {
+            resume_token: resume,
+            ..Default::default()
+        })
+        .await
+        .expect("the resume token survives the rotation")
+        .into_inner();
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(pb::job_update::Event::Job(j)) =
+                resumed.message().await.unwrap().unwrap().event
+            {
+                return j;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.id, made[1].id);
+    assert_eq!(got.status, S::Cancelled as i32);
+
+    // 3. Remove OLD: only then are OLD's tokens refused.
+    a.stop().await;
+    let a = start(NEW, vec![]).await;
+    let refused = a
+        .client(Some(&old_token))
+        .await
+        .list_jobs(pb::ListJobsRequest::default())
+        .await;
+    assert_err(refused, Code::Unauthenticated, "TOKEN_INVALID");
+    assert_eq!(
+        harness::all_jobs(&mut a.client(Some(&new_token)).await)
+            .await
+            .len(),
+        3
+    );
+    a.stop().await;
+    b.stop().await;
+}

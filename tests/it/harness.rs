@@ -120,7 +120,12 @@ impl TestServer {
 
     /// A server on an existing, migrated database, with extra `serve` flags.
     pub async fn start_on(db_url: &str, extra: &[&str]) -> Self {
-        let mut argv = vec!["jobsvc", "--database-url", db_url, "--jwt-secret", SECRET];
+        Self::start_with_secret(db_url, SECRET, extra).await
+    }
+
+    /// A server whose current JWT secret is `secret` (for rotations).
+    pub async fn start_with_secret(db_url: &str, secret: &str, extra: &[&str]) -> Self {
+        let mut argv = vec!["jobsvc", "--database-url", db_url, "--jwt-secret", secret];
         if !extra.contains(&"--pool-size") {
             argv.extend(["--pool-size", "8"]);
         }
@@ -130,8 +135,9 @@ impl TestServer {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let url = db_url.to_owned();
+        let secret = secret.to_owned();
         let handle = tokio::spawn(async move {
-            jobsvc::app::run_server(&args, &url, SECRET.as_bytes(), listener, async {
+            jobsvc::app::run_server(&args, &url, secret.as_bytes(), listener, async {
                 let _ = stopped.await;
             })
             .await
