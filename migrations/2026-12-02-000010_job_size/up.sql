@@ -2,8 +2,8 @@
 -- error_message together, as fields of the encoded Job. A move that stores a result or an
 -- error message checks, in its compare-and-set, that the job stays under the limit; for that
 -- it needs job_data's size, which jobsvc records at insert. Rows written by plain SQL have it
--- NULL, and the check computes it (jsonb_pb_len). Plain SQL that changes job_data should set
--- job_data_bytes to NULL.
+-- NULL, and the check computes it (jsonb_pb_len); plain SQL that changes job_data makes it
+-- NULL again (a trigger below).
 ALTER TABLE jobs ADD COLUMN job_data_bytes integer;
 COMMENT ON COLUMN jobs.job_data_bytes IS
     'Protobuf-encoded size of job_data as the job_data field of a jobs.v1.Job (tag, length and Struct), recorded by jobsvc at insert; NULL when unknown (plain SQL), then computed by jsonb_pb_len when needed.';
@@ -61,6 +61,24 @@ END
 $$;
 COMMENT ON FUNCTION jsonb_pb_len(jsonb, boolean) IS
     'Protobuf-encoded size of google.protobuf.Value holding v, or with as_struct of google.protobuf.Struct holding the object v (prost''s encoding).';
+
+-- A write that changes job_data without saying its size (plain SQL) forgets the recorded
+-- one, so the size check computes it afresh. jobsvc never updates job_data, so its moves
+-- never fire this trigger (it is for UPDATE OF job_data only).
+CREATE FUNCTION jobs_forget_job_data_bytes() RETURNS trigger
+    LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF NEW.job_data_bytes IS NOT DISTINCT FROM OLD.job_data_bytes THEN
+        NEW.job_data_bytes := NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER jobs_forget_job_data_bytes
+    BEFORE UPDATE OF job_data ON jobs
+    FOR EACH ROW WHEN (NEW.job_data IS DISTINCT FROM OLD.job_data)
+    EXECUTE FUNCTION jobs_forget_job_data_bytes();
 
 -- job_data's size as the job_data field of a Job: what job_data_bytes records.
 CREATE FUNCTION job_data_field_len(job_data jsonb) RETURNS bigint

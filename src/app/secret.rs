@@ -58,6 +58,12 @@ pub(super) fn secret(args: &SecretArgs, create: bool) -> Result<Vec<u8>, AppErro
 
 /// The previous secrets of a rotation, each checked as the current one is.
 pub(super) fn previous_secrets(args: &SecretArgs) -> Result<Vec<Vec<u8>>, AppError> {
+    if !args.jwt_previous_secrets.is_empty() && secret_in_argv() {
+        tracing::warn!(
+            "a JWT secret was given on the command line, which every local user can read in \
+             the process list: use JWT_PREVIOUS_SECRETS"
+        );
+    }
     args.jwt_previous_secrets
         .iter()
         .map(|s| {
@@ -84,11 +90,14 @@ fn checked(bytes: &[u8], source: &str, repair: &str) -> Result<Vec<u8>, AppError
     Ok(trimmed.to_vec())
 }
 
-/// Whether `--jwt-secret` itself (not `--jwt-secret-file`) is on the command line.
+/// Whether `--jwt-secret` or `--jwt-previous-secret` (not `--jwt-secret-file`) is on the
+/// command line.
 fn secret_in_argv() -> bool {
     std::env::args_os().any(|a| {
         let a = a.to_string_lossy();
-        a == "--jwt-secret" || a.starts_with("--jwt-secret=")
+        ["--jwt-secret", "--jwt-previous-secret"]
+            .iter()
+            .any(|flag| a == *flag || a.starts_with(&format!("{flag}=")))
     })
 }
 

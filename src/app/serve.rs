@@ -175,7 +175,8 @@ async fn start(
                 "streams reading their existing jobs",
                 "--max-snapshots-per-user",
                 args.max_snapshots_per_user as usize,
-                follow::SNAPSHOT_CONNECTIONS,
+                // In all, the snapshot connections bound them (a stream waits for one).
+                args.max_streams as usize,
             ),
         },
         creates: Creates::start(

@@ -143,8 +143,23 @@ fn check_line(line: &str, limits: JsonLimits) -> Result<()> {
     if let Some(result) = result {
         convert::check_json("result", result, limits)?;
     }
-    let bytes = size::job_data_field_len(job_data)
-        + size::outcome_fields_len(result, error_message.as_deref());
+    let job_data_bytes = size::job_data_field_len(job_data);
+    // The recorded size goes in as it is written: it must be the true one, or the size check
+    // of later moves would trust a wrong figure.
+    match row.get("job_data_bytes") {
+        None | Some(Json::Null) => {}
+        Some(n) if n.as_u64() == Some(job_data_bytes as u64) => {}
+        Some(n) => {
+            return Err(Error::invalid(
+                "job_data_bytes",
+                "JOB_DATA_BYTES_MISMATCH",
+                format!(
+                    "job_data_bytes is {n}, but job_data measures {job_data_bytes}: drop the field or correct it"
+                ),
+            ));
+        }
+    }
+    let bytes = job_data_bytes + size::outcome_fields_len(result, error_message.as_deref());
     if bytes > limits.max_job_bytes {
         return Err(convert::payload_too_large("job_data", bytes, limits));
     }

@@ -191,7 +191,7 @@ LEFT JOIN LATERAL (
                e.updated_at, e.started_at, e.completed_at, e.version,
                s.bytes, sum(s.bytes) OVER (ORDER BY e.feed_xid, e.seq) AS upto
         FROM job_events e
-        CROSS JOIN LATERAL (SELECT octet_length(e.job_data::text)
+        CROSS JOIN LATERAL (SELECT coalesce(octet_length(e.job_data::text), 0)
                                    + coalesce(octet_length(e.result::text), 0)
                                    + coalesce(octet_length(e.error_message), 0) AS bytes) s
         WHERE (e.feed_xid, e.seq) > ($1::text::xid8, $2) AND e.feed_xid < h.horizon {user}
@@ -305,7 +305,7 @@ pub async fn existing_jobs(
 ) -> Result<(Vec<Job>, bool)> {
     let mut sql = String::from(
         "SELECT * FROM (SELECT jobs.*, b.bytes, sum(b.bytes) OVER (ORDER BY id) AS upto \
-         FROM jobs CROSS JOIN LATERAL (SELECT octet_length(job_data::text) \
+         FROM jobs CROSS JOIN LATERAL (SELECT coalesce(octet_length(job_data::text), 0) \
              + coalesce(octet_length(result::text), 0) \
              + coalesce(octet_length(error_message), 0) AS bytes) b WHERE TRUE",
     );

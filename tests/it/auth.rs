@@ -561,14 +561,8 @@ async fn token_expiry_ends_waits_and_snapshots() {
     let url = harness::fresh_database(&pg).await;
     let server = TestServer::start_on(&url, &["--jwt-leeway", "0s"]).await;
     let user = Uuid::new_v4();
-    let short = || {
-        jobsvc::api::auth::issue(
-            SECRET.as_bytes(),
-            "authenticated",
-            Some(user),
-            Duration::from_secs(2),
-        )
-    };
+    let short = || jobsvc::api::auth::issue(SECRET.as_bytes(), "authenticated", Some(user), TTL);
+    const TTL: Duration = Duration::from_secs(5);
     let mut svc = server.service().await;
     // Enough existing jobs (4.8 MB, more than HTTP/2's windows hold) that a client which does
     // not read holds the snapshot open.
@@ -607,6 +601,7 @@ async fn token_expiry_ends_waits_and_snapshots() {
     assert_err(waited, Code::Unauthenticated, "TOKEN_EXPIRED");
     assert!(started.elapsed() < Duration::from_secs(30));
 
+    let issued = tokio::time::Instant::now();
     let mut c = server.client(Some(&short())).await;
     let mut stream = c
         .stream_job_updates(pb::StreamJobUpdatesRequest {
@@ -618,7 +613,7 @@ async fn token_expiry_ends_waits_and_snapshots() {
         .into_inner();
     // The client reads nothing until its token has expired (this idle time is the test's
     // subject, not a wait for a condition), then everything that is left.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep_until(issued + TTL + Duration::from_secs(1)).await;
     let end = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             match stream.message().await {

@@ -189,3 +189,45 @@ async fn the_database_measures_job_data_as_prost_does() {
     }
     server.stop().await;
 }
+
+/// Plain SQL that rewrites job_data makes the recorded size unknown again, so the size
+/// check measures the new job_data: a result that no longer fits is refused, not applied.
+#[tokio::test]
+async fn a_job_data_rewritten_by_plain_sql_is_measured_again() {
+    use diesel_async::RunQueryDsl;
+    let server = TestServer::start().await;
+    let mut c = server.service().await;
+    let job = c
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: "sql".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.update_status(pb::UpdateStatusRequest {
+        id: job.id.clone(),
+        status: S::Running as i32,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut conn = jobsvc::db::connect(&server.db_url).await.unwrap();
+    diesel::sql_query(format!(
+        "UPDATE jobs SET job_data = jsonb_build_object('v', (SELECT jsonb_agg(0) FROM generate_series(1, 250000))) WHERE id = '{}'",
+        job.id
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let refused = c
+        .update_status(pb::UpdateStatusRequest {
+            id: job.id.clone(),
+            status: S::Completed as i32,
+            result: Some(jobsvc::api::convert::json_to_value(zeros(50_000))),
+            ..Default::default()
+        })
+        .await;
+    assert_err(refused, Code::InvalidArgument, "PAYLOAD_TOO_LARGE");
+    server.stop().await;
+}

@@ -769,7 +769,7 @@ async fn the_private_database_is_private() {
     let psql = |user: &str, password: Option<String>, query: &str| {
         let mut cmd = std::process::Command::new("psql");
         cmd.arg(format!("{socket} user={user}"))
-            .args(["-XAtc", query])
+            .args(["-w", "-XAtc", query])
             .env_remove("PGPASSWORD");
         if let Some(p) = password {
             cmd.env("PGPASSWORD", p);
@@ -800,7 +800,7 @@ async fn the_private_database_is_private() {
         let out = std::process::Command::new("runuser")
             .args(["-u", "nobody", "--", "psql"])
             .arg(format!("{socket} user=postgres"))
-            .args(["-XAtc", "SELECT 1"])
+            .args(["-w", "-XAtc", "SELECT 1"])
             .output()
             .unwrap();
         assert!(

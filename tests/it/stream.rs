@@ -829,3 +829,66 @@ async fn a_users_catch_up_reads_only_its_own_history() {
     );
     server.stop().await;
 }
+
+/// A job without job_data (plain SQL may write NULL) weighs nothing in the feed's byte
+/// budget, and neither a live stream nor a snapshot of existing jobs skips anything around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_without_job_data_are_neither_lost_nor_lose_others() {
+    use diesel_async::RunQueryDsl;
+    let server = TestServer::start().await;
+    let mut c = server.service().await;
+    let mut live = open(
+        &mut c,
+        pb::StreamJobUpdatesRequest {
+            agent_identifier: "n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut conn = jobsvc::db::connect(&server.db_url).await.unwrap();
+    // 1,500 creations in one transaction, more than one read of the history holds, with a
+    // NULL job_data early in it.
+    diesel::sql_query(
+        "INSERT INTO jobs (agent_identifier, job_data) \
+         SELECT 'n', CASE WHEN g = 10 THEN NULL ELSE '{}'::jsonb END FROM generate_series(1, 1500) g",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let mut seen = std::collections::HashSet::new();
+    timeout(WAIT, async {
+        while seen.len() < 1500 {
+            if let Some(U::Job(j)) = live.message().await.unwrap().unwrap().event {
+                seen.insert(j.id);
+            }
+        }
+    })
+    .await
+    .expect("every creation reaches the live stream");
+    // And a snapshot of the existing jobs holds all of them.
+    let mut existing = open(
+        &mut c,
+        pb::StreamJobUpdatesRequest {
+            agent_identifier: "n".into(),
+            include_existing: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut snapshot = std::collections::HashSet::new();
+    timeout(WAIT, async {
+        loop {
+            match existing.message().await.unwrap().unwrap().event {
+                Some(U::Job(j)) => {
+                    snapshot.insert(j.id);
+                }
+                Some(U::Synced(_)) => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(snapshot.len(), 1500);
+    server.stop().await;
+}

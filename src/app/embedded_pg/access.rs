@@ -40,15 +40,20 @@ impl EmbeddedPg {
             .await
             .map_err(|e| PgError::Failed(format!("connecting to the private PostgreSQL: {e}")))?;
         // The role, with the password kept in the data directory (set again each start, so
-        // the file is always the truth). The identifiers and password are ours: no quoting
+        // the file is always the truth). It may not create roles: before PostgreSQL 16,
+        // CREATEROLE could grant itself pg_execute_server_program. The roles the schema's
+        // policies name are made here, by the superuser, and given to it to switch into. The identifiers and password are ours: no quoting
         // needed beyond what format gives.
         conn.batch_execute(&format!(
-            "DO $$ BEGIN \
-               IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{SERVICE_ROLE}') THEN \
-                 CREATE ROLE {SERVICE_ROLE} LOGIN CREATEROLE; \
-               END IF; \
+            "DO $$ DECLARE r text; BEGIN \
+               FOREACH r IN ARRAY ARRAY['anon', 'authenticated', 'service_role', '{SERVICE_ROLE}'] LOOP \
+                 IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN \
+                   EXECUTE format('CREATE ROLE %I NOLOGIN', r); \
+                 END IF; \
+               END LOOP; \
              END $$; \
-             ALTER ROLE {SERVICE_ROLE} WITH LOGIN CREATEROLE NOSUPERUSER PASSWORD '{password}'"
+             ALTER ROLE {SERVICE_ROLE} WITH LOGIN NOCREATEROLE NOSUPERUSER PASSWORD '{password}'; \
+             GRANT anon, authenticated, service_role TO {SERVICE_ROLE} WITH ADMIN OPTION"
         ))
         .await
         .map_err(failed)?;
@@ -91,10 +96,11 @@ impl EmbeddedPg {
             )
             .await
             .map_err(|e| PgError::Failed(format!("connecting to the private PostgreSQL: {e}")))?;
+        // The file first: a crash after the ALTER must not lose the password.
+        write_private(&self.root.join(SUPERUSER_PASSWORD_FILE), &self.password)?;
         conn.batch_execute(&format!("ALTER ROLE postgres PASSWORD '{}'", self.password))
             .await
             .map_err(|e| PgError::Failed(format!("setting the superuser's password: {e}")))?;
-        write_private(&self.root.join(SUPERUSER_PASSWORD_FILE), &self.password)?;
         let hba = self.data_dir.join("pg_hba.conf");
         fs::write(&hba, PG_HBA).map_err(io("writing pg_hba.conf"))?;
         conn.batch_execute("SELECT pg_reload_conf()")

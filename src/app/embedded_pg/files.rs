@@ -17,6 +17,17 @@ local all all scram-sha-256\n\
 host all all 127.0.0.1/32 scram-sha-256\n\
 host all all ::1/128 scram-sha-256\n";
 
+/// Whether a `pg_hba.conf` lets any connection in without a password (`trust`).
+pub(super) fn trusts(hba: &Path) -> bool {
+    fs::read_to_string(hba)
+        .unwrap_or_default()
+        .lines()
+        .any(|line| {
+            let line = line.split('#').next().unwrap_or("");
+            line.split_whitespace().any(|word| word == "trust")
+        })
+}
+
 /// 32 random bytes as hex.
 pub(super) fn new_password() -> Result<String, PgError> {
     let mut bytes = [0u8; 32];

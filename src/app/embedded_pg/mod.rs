@@ -13,7 +13,7 @@
 //! reachable only by their owner (0700, `unix_socket_permissions=0700`, the log 0600), and
 //! every connection authenticates with scram-sha-256. The superuser's password is generated
 //! at `initdb` and kept next to the JWT secret (`pg_superuser_password`, 0600); the service
-//! itself connects as `jobsvc`, a role that is not a superuser and owns its database
+//! itself connects as `jobsvc`, a role that is neither a superuser nor may create roles, and owns its database
 //! ([`EmbeddedPg::service_url`], password in `pg_password`). A cluster made by an older jobsvc
 //! (`trust`, no password file) is given a password and scram at its next start.
 use std::fs;
@@ -135,10 +135,13 @@ impl EmbeddedPg {
             .map_err(io("making the PostgreSQL directory private"))?;
         let initialized = base.join("data/PG_VERSION").exists();
         let password_file = root.join(SUPERUSER_PASSWORD_FILE);
-        let (password, legacy_trust) = match fs::read_to_string(&password_file) {
-            Ok(p) if !p.trim().is_empty() => (p.trim().to_owned(), false),
-            _ => (new_password()?, initialized),
+        let password = match fs::read_to_string(&password_file) {
+            Ok(p) if !p.trim().is_empty() => p.trim().to_owned(),
+            _ => new_password()?,
         };
+        // Judged by the client authentication itself, not by the password file: an upgrade
+        // cut short after writing the file still finishes at the next start.
+        let legacy_trust = initialized && files::trusts(&base.join("data/pg_hba.conf"));
         let (port, tcp) = match options.tcp_port {
             Some(0) => (free_port()?, true),
             Some(p) => (p, true),
