@@ -60,6 +60,13 @@ pub enum Error {
     /// The server is stopping; the client reconnects (to another replica).
     #[error("the server is shutting down; reconnect (with the last resume_token for a stream)")]
     ShuttingDown,
+    /// A part the server needs is not there yet (the signing keys of a JWK set not fetched):
+    /// retry with backoff.
+    #[error("{message}")]
+    NotReady {
+        reason: &'static str,
+        message: String,
+    },
     /// The database cannot be reached; retry with backoff.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] BoxError),
@@ -107,7 +114,8 @@ impl Error {
             | Error::Unauthenticated { reason, .. }
             | Error::PermissionDenied { reason, .. }
             | Error::ResourceExhausted { reason, .. }
-            | Error::OutOfRange { reason, .. } => reason,
+            | Error::OutOfRange { reason, .. }
+            | Error::NotReady { reason, .. } => reason,
             Error::JobNotFound(_) => "JOB_NOT_FOUND",
             Error::InvalidTransition { .. } => "INVALID_TRANSITION",
             Error::VersionMismatch { .. } => "VERSION_MISMATCH",

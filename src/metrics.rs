@@ -36,6 +36,12 @@ pub struct AuthLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JwksLabels {
+    /// `ok` or `failed`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
 }
@@ -62,6 +68,8 @@ pub struct Metrics {
     pub jobs: Family<StatusLabels, Gauge>,
     pub slow_queries: Counter,
     pub auth: Family<AuthLabels, Counter>,
+    pub jwks_fetches: Family<JwksLabels, Counter>,
+    pub jwks_keys: Gauge,
     pub database_up: Gauge,
     pub create_batch_rows: Histogram,
     pub update_batch_rows: Histogram,
@@ -166,6 +174,18 @@ impl Metrics {
             "Calls' tokens checked, by outcome and the refusal's reason",
             auth.clone(),
         );
+        let jwks_fetches = Family::<JwksLabels, Counter>::default();
+        registry.register(
+            "jwks_fetches",
+            "Loads of the JWK set (fetches of --jwks-url, reads of --jwks-file), by outcome",
+            jwks_fetches.clone(),
+        );
+        let jwks_keys = Gauge::default();
+        registry.register(
+            "jwks_keys",
+            "Usable keys in the JWK set now in use",
+            jwks_keys.clone(),
+        );
         let database_up = Gauge::default();
         registry.register(
             "database_up",
@@ -208,6 +228,8 @@ impl Metrics {
             jobs,
             slow_queries,
             auth,
+            jwks_fetches,
+            jwks_keys,
             database_up,
             create_batch_rows,
             update_batch_rows,

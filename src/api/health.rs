@@ -1,5 +1,6 @@
-//! The gRPC health service follows the database: SERVING while it answers, NOT_SERVING
-//! otherwise and once shutdown starts. The same loop samples the pool's gauges.
+//! The gRPC health service follows the database and the keys: SERVING while the database
+//! answers and the signing keys are loaded (a JWK set URL fetched once), NOT_SERVING otherwise
+//! and once shutdown starts. The same loop samples the pool's gauges.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,12 +17,14 @@ use crate::pb::job_service_server::JobServiceServer;
 /// Pool gauges are sampled this often (health follows the database monitor at once).
 const POOL_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// SERVING while the database answers (as the health monitor last saw it), NOT_SERVING
-/// otherwise and once shutdown starts, for "" and jobs.v1.JobService. Also samples the pool.
+/// SERVING while the database answers (as the health monitor last saw it) and the keys are
+/// loaded, NOT_SERVING otherwise and once shutdown starts, for "" and jobs.v1.JobService.
+/// Also samples the pool.
 pub(super) async fn monitor_health(
     reporter: HealthReporter,
     pool: PgPool,
     mut db_health: DbHealth,
+    mut keys_ready: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -34,7 +37,7 @@ pub(super) async fn monitor_health(
         metrics.pool_waiting.set(s.waiting as i64);
         let up = db_health.is_up();
         metrics.database_up.set(i64::from(up));
-        let status = match up && !*shutdown.borrow() {
+        let status = match up && *keys_ready.borrow_and_update() && !*shutdown.borrow() {
             true => ServingStatus::Serving,
             false => ServingStatus::NotServing,
         };
@@ -55,6 +58,7 @@ pub(super) async fn monitor_health(
         tokio::select! {
             _ = tokio::time::sleep(POOL_SAMPLE_INTERVAL) => {}
             _ = db_health.changed() => {}
+            Ok(()) = keys_ready.changed() => {}
             _ = shutdown.changed() => {}
         }
     }

@@ -50,6 +50,7 @@ pub async fn run(
         reporter,
         state.pool.clone(),
         state.db_health.clone(),
+        state.auth.ready(),
         state.metrics.clone(),
         state.shutdown.clone(),
     ));

@@ -42,8 +42,8 @@ impl JobSvc {
         JobSvc { state }
     }
 
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller> {
-        let checked = self.state.auth.authenticate(request.metadata());
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller> {
+        let checked = self.state.auth.authenticate(request.metadata()).await;
         let labels = match &checked {
             Ok(_) => AuthLabels {
                 outcome: "accepted",
@@ -74,7 +74,7 @@ impl JobSvc {
     {
         let call = CallRecord::start(method, &request, &self.state.metrics);
         let result = async {
-            let caller = self.authenticate(&request)?;
+            let caller = self.authenticate(&request).await?;
             self.guarded(admit, work(caller, request)).await
         }
         .instrument(call.span.clone())
@@ -391,7 +391,7 @@ impl pb::job_service_server::JobService for JobSvc {
         let call = CallRecord::start("StreamJobUpdates", &request, &self.state.metrics);
         let request_id = call.request_id.clone();
         let result = async {
-            let caller = self.authenticate(&request)?;
+            let caller = self.authenticate(&request).await?;
             self.guarded(false, async {
                 let msg = request.into_inner();
                 let filter = convert::watch_filter(&caller, &msg)?;

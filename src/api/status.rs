@@ -27,7 +27,7 @@ impl Error {
             Error::OutOfRange { .. } => Code::OutOfRange,
             Error::ShuttingDown => Code::Unavailable,
             Error::Conflict => Code::Aborted,
-            Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) | Error::NotReady { .. } => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
         }
     }

@@ -1,15 +1,38 @@
-//! The commands besides `serve`: `token`, `export` and `import`.
-use super::config::{DbArgs, ExportArgs, ImportArgs, TokenArgs, TokenRole};
+//! The commands besides `serve`: `token`, `api-key`, `export` and `import`.
+use super::config::{ApiKeyCommand, DbArgs, ExportArgs, ImportArgs, TokenArgs, TokenRole};
 use super::embedded_pg::{EmbeddedPg, PgOptions};
 use super::{AppError, EMBEDDED_DB, secret};
 use crate::api::auth;
 use crate::db;
 use crate::domain::{ExportFilter, JobStatus};
 
-/// `jobsvc token`: prints a signed token.
+/// `jobsvc token`: prints a signed token (or, with --print-jwks, the public set of its key).
 pub fn print_token(args: TokenArgs) -> Result<(), AppError> {
+    if let Some(path) = &args.signing_key {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read --signing-key {}: {e}", path.display()))?;
+        let key = auth::sign::SigningKey::parse(&text, args.kid.as_deref())
+            .map_err(|e| format!("--signing-key {}: {e}", path.display()))?;
+        if args.print_jwks {
+            let set = key.public_set()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&set).map_err(|e| e.to_string())?
+            );
+            return Ok(());
+        }
+        let (role, sub) = match args.role.ok_or("--role is required")? {
+            TokenRole::ServiceRole => ("service_role", args.sub),
+            TokenRole::Authenticated => (
+                "authenticated",
+                Some(args.sub.ok_or("--role authenticated needs --sub UUID")?),
+            ),
+        };
+        println!("{}", key.sign(&auth::claims(role, sub, args.ttl)));
+        return Ok(());
+    }
     let secret = secret::secret(&args.secret, false)?;
-    let token = match args.role {
+    let token = match args.role.ok_or("--role is required")? {
         TokenRole::ServiceRole => auth::issue(&secret, "service_role", args.sub, args.ttl),
         TokenRole::Authenticated => {
             let sub = args.sub.ok_or("--role authenticated needs --sub UUID")?;
@@ -17,6 +40,23 @@ pub fn print_token(args: TokenArgs) -> Result<(), AppError> {
         }
     };
     println!("{token}");
+    Ok(())
+}
+
+/// `jobsvc api-key create`: a new key on the first line, its line for --api-key-file on the
+/// second.
+pub fn api_key(command: ApiKeyCommand) -> Result<(), AppError> {
+    match command {
+        ApiKeyCommand::Create { user } => {
+            let (key, line) = auth::api_keys::create(user);
+            println!("{key}");
+            println!("{line}");
+            eprintln!(
+                "the first line is the key (give it to the service, for `x-api-key`; it is shown \
+                 only now); the second goes into --api-key-file"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -17,8 +17,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC server (the default when no command is given).
     Serve(Box<ServeArgs>),
-    /// Print a JWT signed with the configured secret.
+    /// Print a JWT signed with the configured secret (HS256), or with a private key
+    /// (--signing-key: ES256, RS256 or EdDSA, with its kid).
     Token(TokenArgs),
+    /// Manage static API keys (`x-api-key`) for internal services.
+    #[command(subcommand, name = "api-key")]
+    ApiKey(ApiKeyCommand),
     /// Write jobs to stdout as JSON lines (one `jobs` row per line, every column).
     Export(ExportArgs),
     /// Read JSON lines (as `export` writes them) from stdin into jobs; jobs that already
@@ -182,6 +186,31 @@ pub struct ServeArgs {
     /// they are users like any other.
     #[arg(long, env = "JOBSVC_REFUSE_ANONYMOUS")]
     pub refuse_anonymous: bool,
+
+    /// A JWK set URL whose keys verify ES256, RS256 and EdDSA tokens (Supabase:
+    /// https://<ref>.supabase.co/auth/v1/.well-known/jwks.json). Fetched at start (the server is
+    /// NOT_SERVING until it is), kept as its Cache-Control says (10 min by default), fetched
+    /// again when a token names an unknown kid (at most once per --jwks-refetch-interval).
+    #[arg(long, env = "JOBSVC_JWKS_URL", conflicts_with = "jwks_file")]
+    pub jwks_url: Option<String>,
+
+    /// A JWK set file, used as --jwks-url is; re-read when it changes.
+    #[arg(long, env = "JOBSVC_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// The least time between two fetches of --jwks-url.
+    #[arg(long, env = "JOBSVC_JWKS_REFETCH_INTERVAL", default_value = "30s", value_parser = parse_positive)]
+    pub jwks_refetch_interval: Duration,
+
+    /// A file of API keys (SHA-256 hashes, each with `service_role` or `user <uuid>`; see
+    /// `jobsvc api-key create`) admitted in the `x-api-key` header; re-read when it changes.
+    #[arg(long, env = "JOBSVC_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// Verified tokens remembered (each is still checked against its expiry on every use);
+    /// 0 verifies every call's token.
+    #[arg(long, env = "JOBSVC_VERIFIED_TOKEN_CACHE", default_value_t = 4096)]
+    pub verified_token_cache: usize,
 
     /// Clock leeway for token `exp` and `nbf`, at most 60 s.
     #[arg(long, env = "JOBSVC_JWT_LEEWAY", default_value = "30s", value_parser = parse_leeway)]
@@ -354,6 +383,17 @@ impl ServeArgs {
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Print a new random key (first line: give it to the service) and its line for
+    /// --api-key-file (second line: the server keeps only the key's hash).
+    Create {
+        /// The key speaks for this user; without it, for the service role.
+        #[arg(long)]
+        user: Option<uuid::Uuid>,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TokenRole {
     #[value(name = "service_role")]
@@ -365,8 +405,8 @@ pub enum TokenRole {
 #[derive(Debug, Args)]
 pub struct TokenArgs {
     /// The role the token grants.
-    #[arg(long, value_enum)]
-    pub role: TokenRole,
+    #[arg(long, value_enum, required_unless_present = "print_jwks")]
+    pub role: Option<TokenRole>,
 
     /// The user the token speaks for (required for `authenticated`).
     #[arg(long)]
@@ -375,6 +415,20 @@ pub struct TokenArgs {
     /// How long the token is valid, e.g. 1h, 30m, 7d.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
+
+    /// Sign with this private key instead of the HS256 secret: a PEM (P-256, Ed25519 or RSA)
+    /// or a private JWK. The algorithm is the key's (ES256, EdDSA, RS256).
+    #[arg(long)]
+    pub signing_key: Option<PathBuf>,
+
+    /// The kid the token names (the id the JWK set publishes the key under); a JWK's own
+    /// kid by default.
+    #[arg(long, requires = "signing_key")]
+    pub kid: Option<String>,
+
+    /// Print the public JWK set of --signing-key (for --jwks-file) instead of a token.
+    #[arg(long, requires = "signing_key")]
+    pub print_jwks: bool,
 
     #[command(flatten)]
     pub secret: SecretArgs,

@@ -16,7 +16,7 @@ mod serve;
 mod telemetry;
 mod transfer;
 
-pub use commands::{export, import, print_token};
+pub use commands::{api_key, export, import, print_token};
 pub use serve::{run_server, serve};
 
 pub type AppError = Box<dyn std::error::Error + Send + Sync>;

@@ -10,6 +10,8 @@ use super::config::ServeArgs;
 use super::embedded_pg::{EmbeddedPg, PgOptions};
 use super::{AppError, EMBEDDED_DB, metrics_http, secret, telemetry};
 use crate::api::admission::Admission;
+use crate::api::auth::api_keys::ApiKeys;
+use crate::api::auth::jwks::{Jwks, JwksConfig, JwksSource};
 use crate::api::auth::{self, Authenticator, ClaimsPolicy};
 use crate::api::fault::LostResponses;
 use crate::api::server::{self, Limits};
@@ -140,16 +142,35 @@ async fn start(
     )
     .await?;
     let db_health = DbHealth::start(database_url.to_owned(), pool.clone(), shutdown_rx.clone());
+    let mut authenticator = Authenticator::new(secret, args.jwt_leeway)
+        .with_previous(&previous)
+        .with_policy(ClaimsPolicy {
+            audiences: args.jwt_audiences.clone(),
+            issuers: args.jwt_issuers.clone(),
+            refuse_anonymous: args.refuse_anonymous,
+        })
+        .with_verified_capacity(args.verified_token_cache);
+    let jwks_source = match (&args.jwks_url, &args.jwks_file) {
+        (Some(url), _) => Some(JwksSource::Url(url.clone())),
+        (None, Some(path)) => Some(JwksSource::File(path.clone())),
+        (None, None) => None,
+    };
+    if let Some(source) = jwks_source {
+        let config = JwksConfig {
+            source,
+            refetch_interval: args.jwks_refetch_interval,
+        };
+        authenticator =
+            authenticator.with_jwks(Jwks::start(config, metrics.clone(), shutdown_rx.clone())?);
+    }
+    if let Some(path) = &args.api_key_file {
+        authenticator =
+            authenticator.with_api_keys(ApiKeys::start(path.clone(), shutdown_rx.clone())?);
+    }
     let state = Arc::new(AppState {
         pool: pool.clone(),
         database_url: database_url.into(),
-        auth: Authenticator::new(secret, args.jwt_leeway)
-            .with_previous(&previous)
-            .with_policy(ClaimsPolicy {
-                audiences: args.jwt_audiences.clone(),
-                issuers: args.jwt_issuers.clone(),
-                refuse_anonymous: args.refuse_anonymous,
-            }),
+        auth: authenticator,
         limits: args.job_limits.limits(),
         max_page_bytes: args.max_message_bytes.saturating_sub(PAGE_HEADROOM),
         tokens,
