@@ -59,7 +59,7 @@ async fn bad_tokens_are_unauthenticated_and_other_roles_denied() {
                 b"another-secret-another-secret-0000",
             )),
             Code::Unauthenticated,
-            "TOKEN_INVALID",
+            "TOKEN_BAD_SIGNATURE",
         ),
         (
             "alg none",
@@ -937,7 +937,7 @@ async fn a_rotation_across_two_replicas_loses_no_caller_and_no_cursor() {
         .await
         .list_jobs(pb::ListJobsRequest::default())
         .await;
-    assert_err(refused, Code::Unauthenticated, "TOKEN_INVALID");
+    assert_err(refused, Code::Unauthenticated, "TOKEN_BAD_SIGNATURE");
     assert_eq!(
         harness::all_jobs(&mut a.client(Some(&new_token)).await)
             .await

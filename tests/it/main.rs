@@ -9,6 +9,7 @@ mod faults;
 mod foundation;
 mod h2raw;
 mod harness;
+mod jwks;
 mod lifecycle;
 mod limits;
 mod list;

@@ -270,13 +270,15 @@ impl Authenticator {
         })?;
         let decoded = match header.alg {
             Algorithm::HS256 => {
-                if let (Some(kid), Some(keys)) = (&header.kid, self.jwks_keys()) {
-                    if keys.get(kid).is_some() {
-                        return Err(bad_token(
-                            "an HS256 token names a published asymmetric key; \
-                             the algorithm is the key's, never the token's",
-                        ));
-                    }
+                let names_published = match (&header.kid, self.jwks_keys()) {
+                    (Some(kid), Some(keys)) => keys.get(kid).is_some(),
+                    _ => false,
+                };
+                if names_published {
+                    return Err(bad_token(
+                        "an HS256 token names a published asymmetric key; \
+                         the algorithm is the key's, never the token's",
+                    ));
                 }
                 let validation = self.validation(Algorithm::HS256);
                 let mut decoded = Err(ErrorKind::InvalidSignature.into());

@@ -63,7 +63,7 @@ fn from_pem(pem: &[u8]) -> Result<(Algorithm, EncodingKey, Option<String>), Stri
         return Ok((Algorithm::ES256, key, None));
     }
     if let Ok(key) = EncodingKey::from_ed_pem(pem) {
-        return Ok((Algorithm::EdDSA, key, None));
+        return Ok((Algorithm::EdDSA, ed25519_v1(key), None));
     }
     if let Ok(key) = EncodingKey::from_rsa_pem(pem) {
         return Ok((Algorithm::RS256, key, None));
@@ -111,7 +111,7 @@ fn from_jwk(text: &str) -> Result<(Algorithm, EncodingKey, Option<String>), Stri
                 return Err("an Ed25519 JWK's d is 32 bytes".into());
             }
             // PKCS#8 PrivateKeyInfo { v0, Ed25519, OCTET STRING { OCTET STRING d } }
-            let mut der = hex_bytes("302e020100300506032b657004220420");
+            let mut der = hex_bytes(ED25519_V1);
             der.extend_from_slice(&d);
             (Algorithm::EdDSA, EncodingKey::from_ed_der(&der))
         }
@@ -136,6 +136,23 @@ fn from_jwk(text: &str) -> Result<(Algorithm, EncodingKey, Option<String>), Stri
     let probe = jsonwebtoken::encode(&Header::new(alg), &serde_json::json!({}), &key);
     probe.map_err(|e| format!("the JWK is not a usable private key: {e}"))?;
     Ok((alg, key, kid))
+}
+
+/// The PKCS#8 frame of an Ed25519 seed (version 1, no public key).
+const ED25519_V1: &str = "302e020100300506032b657004220420";
+
+/// An Ed25519 key in PKCS#8 version 1. OpenSSL and aws-lc also write version 2 (the public key
+/// appended), which signs the same but from which jsonwebtoken cannot derive the public JWK;
+/// the seed sits at the same place in both.
+fn ed25519_v1(key: EncodingKey) -> EncodingKey {
+    let der = key.as_bytes();
+    let v2_head = hex_bytes("020101300506032b657004220420");
+    if der.len() > 48 && der.get(2..16) == Some(&v2_head[..]) {
+        let mut v1 = hex_bytes(ED25519_V1);
+        v1.extend_from_slice(&der[16..48]);
+        return EncodingKey::from_ed_der(&v1);
+    }
+    key
 }
 
 fn hex_bytes(hex: &str) -> Vec<u8> {
