@@ -29,13 +29,19 @@ class JobServiceStub:
     """JobService creates, moves, reads, lists, waits for and streams jobs.
 
     Authentication: every RPC needs the request metadata
-    `authorization: Bearer <JWT>`, an HS256 token signed with the server's secret, in the
-    shape Supabase issues: claim `role` (`authenticated` or `service_role`), `exp`
-    (required), and `sub` (the user's UUID; required for `authenticated`, absent in
-    service keys).
-    - No token, a bad signature, `alg: none` or any algorithm other than the configured
-    one, an expired or not-yet-valid token, a `sub` that is not a UUID, or an
-    `authenticated` token without `sub`: UNAUTHENTICATED.
+    `authorization: Bearer <JWT>`, a token in the shape Supabase issues: claim `role`
+    (`authenticated` or `service_role`), `exp` (required), and `sub` (the user's UUID;
+    required for `authenticated`, absent in service keys). It is signed either with the
+    server's HS256 secret (during a rotation, a previous secret verifies too), or with a key
+    of the server's JWK set (ES256, RS256, EdDSA), which the token names with `kid`: the
+    algorithm is the key's, never the token's. Internal services may instead send a static
+    key as `x-api-key: <key>` (not both).
+    - No token, a bad signature (reason TOKEN_BAD_SIGNATURE), a `kid` the key set lacks
+    (TOKEN_UNKNOWN_KEY), `alg: none` or an algorithm that is not the key's, an expired or
+    not-yet-valid token, a wrong `aud` or `iss` where the server checks them, a `sub` that
+    is not a UUID, or an `authenticated` token without `sub`: UNAUTHENTICATED. A wrong or
+    revoked API key: UNAUTHENTICATED (API_KEY_INVALID). The key set not fetched yet:
+    UNAVAILABLE (SIGNING_KEYS_UNAVAILABLE), retry.
     - Any other role (`anon`, ...): PERMISSION_DENIED.
     - `authenticated` callers see their own jobs only. Another user's job does not exist
     for them: NOT_FOUND, never a hint that it exists. A request field `user_id` naming
@@ -119,13 +125,19 @@ class JobServiceServicer:
     """JobService creates, moves, reads, lists, waits for and streams jobs.
 
     Authentication: every RPC needs the request metadata
-    `authorization: Bearer <JWT>`, an HS256 token signed with the server's secret, in the
-    shape Supabase issues: claim `role` (`authenticated` or `service_role`), `exp`
-    (required), and `sub` (the user's UUID; required for `authenticated`, absent in
-    service keys).
-    - No token, a bad signature, `alg: none` or any algorithm other than the configured
-    one, an expired or not-yet-valid token, a `sub` that is not a UUID, or an
-    `authenticated` token without `sub`: UNAUTHENTICATED.
+    `authorization: Bearer <JWT>`, a token in the shape Supabase issues: claim `role`
+    (`authenticated` or `service_role`), `exp` (required), and `sub` (the user's UUID;
+    required for `authenticated`, absent in service keys). It is signed either with the
+    server's HS256 secret (during a rotation, a previous secret verifies too), or with a key
+    of the server's JWK set (ES256, RS256, EdDSA), which the token names with `kid`: the
+    algorithm is the key's, never the token's. Internal services may instead send a static
+    key as `x-api-key: <key>` (not both).
+    - No token, a bad signature (reason TOKEN_BAD_SIGNATURE), a `kid` the key set lacks
+    (TOKEN_UNKNOWN_KEY), `alg: none` or an algorithm that is not the key's, an expired or
+    not-yet-valid token, a wrong `aud` or `iss` where the server checks them, a `sub` that
+    is not a UUID, or an `authenticated` token without `sub`: UNAUTHENTICATED. A wrong or
+    revoked API key: UNAUTHENTICATED (API_KEY_INVALID). The key set not fetched yet:
+    UNAVAILABLE (SIGNING_KEYS_UNAVAILABLE), retry.
     - Any other role (`anon`, ...): PERMISSION_DENIED.
     - `authenticated` callers see their own jobs only. Another user's job does not exist
     for them: NOT_FOUND, never a hint that it exists. A request field `user_id` naming
@@ -351,13 +363,19 @@ class JobService:
     """JobService creates, moves, reads, lists, waits for and streams jobs.
 
     Authentication: every RPC needs the request metadata
-    `authorization: Bearer <JWT>`, an HS256 token signed with the server's secret, in the
-    shape Supabase issues: claim `role` (`authenticated` or `service_role`), `exp`
-    (required), and `sub` (the user's UUID; required for `authenticated`, absent in
-    service keys).
-    - No token, a bad signature, `alg: none` or any algorithm other than the configured
-    one, an expired or not-yet-valid token, a `sub` that is not a UUID, or an
-    `authenticated` token without `sub`: UNAUTHENTICATED.
+    `authorization: Bearer <JWT>`, a token in the shape Supabase issues: claim `role`
+    (`authenticated` or `service_role`), `exp` (required), and `sub` (the user's UUID;
+    required for `authenticated`, absent in service keys). It is signed either with the
+    server's HS256 secret (during a rotation, a previous secret verifies too), or with a key
+    of the server's JWK set (ES256, RS256, EdDSA), which the token names with `kid`: the
+    algorithm is the key's, never the token's. Internal services may instead send a static
+    key as `x-api-key: <key>` (not both).
+    - No token, a bad signature (reason TOKEN_BAD_SIGNATURE), a `kid` the key set lacks
+    (TOKEN_UNKNOWN_KEY), `alg: none` or an algorithm that is not the key's, an expired or
+    not-yet-valid token, a wrong `aud` or `iss` where the server checks them, a `sub` that
+    is not a UUID, or an `authenticated` token without `sub`: UNAUTHENTICATED. A wrong or
+    revoked API key: UNAUTHENTICATED (API_KEY_INVALID). The key set not fetched yet:
+    UNAVAILABLE (SIGNING_KEYS_UNAVAILABLE), retry.
     - Any other role (`anon`, ...): PERMISSION_DENIED.
     - `authenticated` callers see their own jobs only. Another user's job does not exist
     for them: NOT_FOUND, never a hint that it exists. A request field `user_id` naming
