@@ -35,6 +35,12 @@ pub enum Error {
         current: JobStatus,
         requested: JobStatus,
     },
+    /// A worker's lease is no longer the job's (expired and taken over, or the job ended).
+    #[error(
+        "the lease is no longer this job's: the job is {} at attempt {attempt}; stop working on it \
+         (its lease expired and it was retried, or it ended)", .status.as_str()
+    )]
+    LeaseLost { status: JobStatus, attempt: i32 },
     #[error(
         "job is at version {actual}, not the expected version {expected}; re-read it and retry"
     )]
@@ -118,6 +124,7 @@ impl Error {
             | Error::NotReady { reason, .. } => reason,
             Error::JobNotFound(_) => "JOB_NOT_FOUND",
             Error::InvalidTransition { .. } => "INVALID_TRANSITION",
+            Error::LeaseLost { .. } => "LEASE_LOST",
             Error::VersionMismatch { .. } => "VERSION_MISMATCH",
             Error::IdempotencyKeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
             Error::ShuttingDown => "SHUTTING_DOWN",

@@ -42,6 +42,12 @@ pub struct JwksLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExpiryLabels {
+    /// `retried` or `failed`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     pub status: String,
 }
@@ -73,6 +79,13 @@ pub struct Metrics {
     pub database_up: Gauge,
     pub create_batch_rows: Histogram,
     pub update_batch_rows: Histogram,
+    pub heartbeat_batch_rows: Histogram,
+    pub claims: Counter,
+    pub jobs_claimed: Counter,
+    pub claim_latency: Histogram,
+    pub lease_expiries: Family<ExpiryLabels, Counter>,
+    pub retries: Counter,
+    pub releases: Counter,
     /// Synced from the log writer's own count ([`Metrics::count_dropped_log_lines`]) at each
     /// scrape.
     log_lines_dropped: Counter,
@@ -204,6 +217,48 @@ impl Metrics {
             "UpdateStatus and CancelJob moves written per statement (natural batching)",
             update_batch_rows.clone(),
         );
+        let heartbeat_batch_rows = Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
+        registry.register(
+            "heartbeat_batch_rows",
+            "Heartbeats written per statement (natural batching)",
+            heartbeat_batch_rows.clone(),
+        );
+        let claims = Counter::default();
+        registry.register(
+            "claims",
+            "ClaimJobs statements run (a waiting call may run several)",
+            claims.clone(),
+        );
+        let jobs_claimed = Counter::default();
+        registry.register(
+            "jobs_claimed",
+            "Jobs taken by ClaimJobs",
+            jobs_claimed.clone(),
+        );
+        let claim_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 20));
+        registry.register(
+            "claim_latency_seconds",
+            "From a job becoming ready (created, or its run_after) to its claim",
+            claim_latency.clone(),
+        );
+        let lease_expiries = Family::<ExpiryLabels, Counter>::default();
+        registry.register(
+            "lease_expiries",
+            "Leases that ended without a heartbeat, by what became of the job",
+            lease_expiries.clone(),
+        );
+        let retries = Counter::default();
+        registry.register(
+            "retries",
+            "Failed attempts sent back to pending with a backoff (by a worker or an expired lease)",
+            retries.clone(),
+        );
+        let releases = Counter::default();
+        registry.register(
+            "releases",
+            "Claims handed back by their worker (UpdateStatus PENDING with the lease)",
+            releases.clone(),
+        );
         let log_lines_dropped = Counter::default();
         registry.register(
             "log_lines_dropped",
@@ -233,6 +288,13 @@ impl Metrics {
             database_up,
             create_batch_rows,
             update_batch_rows,
+            heartbeat_batch_rows,
+            claims,
+            jobs_claimed,
+            claim_latency,
+            lease_expiries,
+            retries,
+            releases,
         }
     }
 

@@ -30,6 +30,32 @@ static SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 fn secret() -> &'static str {
     SECRET.get().map_or(DEFAULT_SECRET, String::as_str)
 }
+
+/// The P-256 key of `--token-alg es256`: for benchmarks only, published here on purpose (it
+/// signs tokens for a server the bench starts on its own database, and nothing else).
+const BENCH_ES256_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgsfKA8BClrJzrhAkM
+Nm1nH2yQkLYcQWalqb8Xy7eLzR+hRANCAAQ0g3bASfiGrdhp1LQ/ohbNp1/He3ne
+k+5FqKsa8LQCBY8yC0CX/1kCQ92+btElSB9AGAERO2k7k3DICXs8+vCi
+-----END PRIVATE KEY-----
+";
+
+/// How callers' tokens are signed and verified (`--token-alg`, `--verified-token-cache`).
+struct TokenSetup {
+    es256: Option<jobsvc::api::auth::sign::SigningKey>,
+    /// `--verified-token-cache` of the server the bench starts, when given.
+    verified_cache: Option<usize>,
+}
+static TOKENS: std::sync::OnceLock<TokenSetup> = std::sync::OnceLock::new();
+
+/// A caller's token: HS256 with the secret, or ES256 with the bench key (`--token-alg`).
+fn caller_token(role: &str, sub: Option<Uuid>) -> String {
+    let ttl = Duration::from_secs(3600);
+    match TOKENS.get().and_then(|t| t.es256.as_ref()) {
+        Some(key) => key.sign(&jobsvc::api::auth::claims(role, sub, ttl)),
+        None => jobsvc::api::auth::issue(secret().as_bytes(), role, sub, ttl),
+    }
+}
 const SCENARIOS: &[&str] = &[
     "create",
     "create-idempotent",
@@ -96,6 +122,13 @@ struct Args {
     /// figures are then wrong).
     #[arg(long)]
     without_rollups: bool,
+    /// How callers' tokens are signed: hs256 (the secret), or es256 (a P-256 key the server
+    /// it starts verifies through --jwks-file), to measure what verification costs.
+    #[arg(long, default_value = "hs256", value_parser = ["hs256", "es256"])]
+    token_alg: String,
+    /// The server's --verified-token-cache (0: every call verifies its token: the cold case).
+    #[arg(long)]
+    verified_token_cache: Option<usize>,
 }
 
 /// Turns off the stats rollup triggers (`--without-rollups`).
@@ -160,6 +193,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if let Some(s) = &args.jwt_secret {
         let _ = SECRET.set(s.clone());
     }
+    let es256 = match args.token_alg.as_str() {
+        "es256" => Some(jobsvc::api::auth::sign::SigningKey::parse(
+            BENCH_ES256_KEY,
+            Some("bench-es256"),
+        )?),
+        _ => None,
+    };
+    let _ = TOKENS.set(TokenSetup {
+        es256,
+        verified_cache: args.verified_token_cache,
+    });
     // `all`, one name, or a comma-separated list (run in that order, in one set-up).
     let mut names: Vec<&str> = Vec::new();
     for name in args.scenario.split(',') {
@@ -255,14 +299,24 @@ pub(crate) async fn spawn_server(
             command.env_remove(key);
         }
     }
+    command.args([
+        SERVE,
+        "--listen",
+        &addr.to_string(),
+        "--pool-size",
+        pool_size,
+    ]);
+    if let Some(tokens) = TOKENS.get() {
+        if let Some(key) = &tokens.es256 {
+            let path = log_dir.join("bench-jwks.json");
+            std::fs::write(&path, serde_json::to_string(&key.public_set()?)?)?;
+            command.arg("--jwks-file").arg(path);
+        }
+        if let Some(n) = tokens.verified_cache {
+            command.args(["--verified-token-cache", &n.to_string()]);
+        }
+    }
     let mut child = command
-        .args([
-            SERVE,
-            "--listen",
-            &addr.to_string(),
-            "--pool-size",
-            pool_size,
-        ])
         .env("DATABASE_URL", url)
         .env("JWT_SECRET", secret())
         .env_remove("RUST_LOG")
@@ -506,7 +560,7 @@ impl tonic::service::Interceptor for Auth {
 }
 
 async fn client(addr: std::net::SocketAddr, role: &str, sub: Option<Uuid>) -> Client {
-    let token = jobsvc::api::auth::issue(secret().as_bytes(), role, sub, Duration::from_secs(3600));
+    let token = caller_token(role, sub);
     // One HTTP/2 connection per caller, as independent services would have.
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()

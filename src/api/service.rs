@@ -11,6 +11,8 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
 
+mod work;
+
 use super::call::CallRecord;
 use super::convert;
 use super::state::AppState;
@@ -113,10 +115,34 @@ impl JobSvc {
             change = back;
             let row = row.ok_or(Error::JobNotFound(change.id))?;
             if row.written {
+                if let Some(lease) = change.lease {
+                    self.count_worker_move(&change, lease, &row.job);
+                }
                 self.committed()?;
                 return Ok(row.job);
             }
-            match transition(row.job.status, change.target) {
+            if let Some(lease) = change.lease {
+                // A worker's move: only its own lease may end the job.
+                let job = &row.job;
+                let ours = job.lease_id == Some(lease.lease_id);
+                if !ours || job.status != JobStatus::Running {
+                    if ours && work::made_by_lease(change.target, job.status) {
+                        // A retry of the move this lease made (its answer was lost).
+                        return Ok(row.job);
+                    }
+                    return Err(Error::LeaseLost {
+                        status: job.status,
+                        attempt: job.attempt,
+                    });
+                }
+            }
+            // A worker's move is from RUNNING under its lease (the table has no RUNNING ->
+            // PENDING): the transition is its own.
+            let verdict = match change.lease {
+                Some(_) => Transition::Apply,
+                None => transition(row.job.status, change.target),
+            };
+            match verdict {
                 Transition::AlreadyDone => return Ok(row.job),
                 Transition::Forbidden => {
                     return Err(Error::InvalidTransition {
@@ -133,25 +159,29 @@ impl JobSvc {
                             actual: row.job.version,
                         });
                     }
-                    // The job would grow past the size limit with this result or message.
-                    if let Some(size) = change.size {
-                        let empty = serde_json::json!({});
-                        let held = convert::size::job_data_field_len(
-                            row.job.job_data.as_ref().unwrap_or(&empty),
-                        ) + size.added as usize;
-                        if held > self.state.limits.max_job_bytes {
-                            let field = match change.target {
-                                JobStatus::Completed => "result",
-                                _ => "error_message",
-                            };
-                            return Err(convert::payload_too_large(field, held, self.state.limits));
-                        }
-                    }
+                    self.check_size(&change, &row.job)?;
                     // The statement's snapshot predates a concurrent move: read again.
                 }
             }
         }
         Err(Error::Conflict)
+    }
+
+    /// The job would grow past the size limit with this result or message.
+    fn check_size(&self, change: &StatusChange, job: &Job) -> Result<()> {
+        if let Some(size) = change.size {
+            let empty = serde_json::json!({});
+            let held = convert::size::job_data_field_len(job.job_data.as_ref().unwrap_or(&empty))
+                + size.added as usize;
+            if held > self.state.limits.max_job_bytes {
+                let field = match change.target {
+                    JobStatus::Completed => "result",
+                    _ => "error_message",
+                };
+                return Err(convert::payload_too_large(field, held, self.state.limits));
+            }
+        }
+        Ok(())
     }
 
     async fn get(&self, caller: &Caller, id: Uuid) -> Result<Job> {
@@ -175,9 +205,7 @@ impl pb::job_service_server::JobService for JobSvc {
             let (row, new) = self.state.creates.create(caller, new).await?;
             if row.written {
                 self.committed()?;
-            } else if row.job.agent_identifier != new.agent_identifier
-                || row.job.job_data.as_ref() != Some(&new.job_data)
-            {
+            } else if !work::same_create(&row.job, &new) {
                 return Err(Error::IdempotencyKeyReused {
                     request_id: new.request_id.clone().unwrap_or_default(),
                 });
@@ -228,6 +256,7 @@ impl pb::job_service_server::JobService for JobSvc {
                 error_message: None,
                 expected_version: None,
                 size: None,
+                lease: None,
             };
             Ok(convert::job_to_pb(
                 self.apply_change(&caller, change).await?,
@@ -276,6 +305,27 @@ impl pb::job_service_server::JobService for JobSvc {
                     _ = shutdown.changed() => {}
                 }
             }
+        })
+        .await
+    }
+
+    async fn claim_jobs(
+        &self,
+        request: Request<pb::ClaimJobsRequest>,
+    ) -> Result<Response<pb::ClaimJobsResponse>, Status> {
+        // Not admitted: a claim may wait (as WaitJob does); its statements are short.
+        self.unary("ClaimJobs", request, false, |caller, request| async move {
+            self.claim_jobs(caller, request.into_inner()).await
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.unary("Heartbeat", request, true, |caller, request| async move {
+            self.heartbeat(caller, request.into_inner()).await
         })
         .await
     }

@@ -10,7 +10,7 @@ use super::convert::JsonLimits;
 use super::fault::LostResponses;
 use super::tokens::TokenKey;
 use crate::db::PgPool;
-use crate::db::batch::{Creates, Updates};
+use crate::db::batch::{Beats, Creates, Updates};
 use crate::db::health::DbHealth;
 use crate::feed::Feed;
 use crate::feed::limits::CallerLimits;
@@ -48,6 +48,8 @@ pub struct AppState {
     pub creates: Creates,
     /// UpdateStatus's and CancelJob's writer: concurrent moves share statements and commits.
     pub updates: Updates,
+    /// Heartbeat's writer: concurrent heartbeats share statements and commits.
+    pub beats: Beats,
     /// The limit on unary calls working and waiting at once.
     pub admission: Admission,
     /// Flips to true when the server starts shutting down: long calls return early.

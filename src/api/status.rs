@@ -20,7 +20,7 @@ impl Error {
             Error::Unauthenticated { .. } => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
             Error::JobNotFound(_) => Code::NotFound,
-            Error::InvalidTransition { .. } => Code::FailedPrecondition,
+            Error::InvalidTransition { .. } | Error::LeaseLost { .. } => Code::FailedPrecondition,
             Error::VersionMismatch { .. } => Code::Aborted,
             Error::IdempotencyKeyReused { .. } => Code::AlreadyExists,
             Error::ResourceExhausted { .. } => Code::ResourceExhausted,
@@ -49,6 +49,11 @@ impl Error {
             Error::InvalidTransition { current, requested } => {
                 metadata.insert("current_status".into(), current.as_str().into());
                 metadata.insert("requested_status".into(), requested.as_str().into());
+                self.to_string()
+            }
+            Error::LeaseLost { status, attempt } => {
+                metadata.insert("status".into(), status.as_str().into());
+                metadata.insert("attempt".into(), attempt.to_string());
                 self.to_string()
             }
             Error::VersionMismatch { expected, actual } => {

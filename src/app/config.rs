@@ -261,6 +261,23 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBSVC_FEED_POLL_INTERVAL", default_value = "200ms", value_parser = parse_positive)]
     pub feed_poll_interval: Duration,
 
+    /// The first retry's delay of a worker's failed attempt (a job may set its own).
+    #[arg(long, env = "JOBSVC_RETRY_INITIAL_BACKOFF", default_value = "1s", value_parser = parse_positive)]
+    pub retry_initial_backoff: Duration,
+
+    /// Each further retry waits this many times longer than the one before.
+    #[arg(long, env = "JOBSVC_RETRY_BACKOFF_MULTIPLIER", default_value_t = 2.0, value_parser = parse_multiplier)]
+    pub retry_backoff_multiplier: f64,
+
+    /// The longest delay before a retry.
+    #[arg(long, env = "JOBSVC_RETRY_MAX_BACKOFF", default_value = "1h", value_parser = parse_positive)]
+    pub retry_max_backoff: Duration,
+
+    /// How often expired leases are looked for (a lease ends at most this long after it
+    /// expires).
+    #[arg(long, env = "JOBSVC_LEASE_SWEEP_INTERVAL", default_value = "250ms", value_parser = parse_positive)]
+    pub lease_sweep_interval: Duration,
+
     /// Move RUNNING jobs that started longer ago than this to FAILED (e.g. 2h); off when unset.
     #[arg(long, env = "JOBSVC_RUNNING_TIMEOUT", value_parser = parse_positive)]
     pub running_timeout: Option<Duration>,
@@ -449,6 +466,14 @@ fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     }
     s.parse()
         .map_err(|_| format!("{s:?} is not host:port (or a bare port, on 127.0.0.1)"))
+}
+
+fn parse_multiplier(s: &str) -> Result<f64, String> {
+    let m: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(1.0..=10.0).contains(&m) {
+        return Err("the backoff multiplier is from 1.0 to 10.0".into());
+    }
+    Ok(m)
 }
 
 fn parse_positive(s: &str) -> Result<Duration, String> {

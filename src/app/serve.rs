@@ -18,8 +18,9 @@ use crate::api::server::{self, Limits};
 use crate::api::state::AppState;
 use crate::api::tokens::TokenKey;
 use crate::db;
-use crate::db::batch::{Creates, Updates};
+use crate::db::batch::{Beats, Creates, Updates};
 use crate::db::health::DbHealth;
+use crate::domain::RetryPolicy;
 use crate::feed::follow;
 use crate::feed::limits::{CallerLimits, Limit};
 use crate::feed::{Feed, FeedConfig};
@@ -167,6 +168,11 @@ async fn start(
         authenticator =
             authenticator.with_api_keys(ApiKeys::start(path.clone(), shutdown_rx.clone())?);
     }
+    let retry = RetryPolicy {
+        initial_us: micros(args.retry_initial_backoff),
+        multiplier: args.retry_backoff_multiplier,
+        max_us: micros(args.retry_max_backoff),
+    };
     let state = Arc::new(AppState {
         pool: pool.clone(),
         database_url: database_url.into(),
@@ -211,6 +217,13 @@ async fn start(
             batch_workers(args.update_batch_workers, args.pool_size),
             db_health.clone(),
             metrics.clone(),
+            retry,
+        ),
+        beats: Beats::start(
+            pool.clone(),
+            batch_workers(args.update_batch_workers, args.pool_size),
+            db_health.clone(),
+            metrics.clone(),
         ),
         db_health,
         admission: Admission::new(
@@ -226,6 +239,14 @@ async fn start(
         state.feed.clone(),
         args.running_timeout,
         args.sweep_interval,
+        state.shutdown.clone(),
+    ));
+    tokio::spawn(tasks::leases::run(
+        state.pool.clone(),
+        state.feed.clone(),
+        state.metrics.clone(),
+        retry,
+        args.lease_sweep_interval,
         state.shutdown.clone(),
     ));
     tokio::spawn(tasks::retention::run(
@@ -293,6 +314,10 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+fn micros(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Batch workers of one kind: as configured, or by default a quarter of the pool.

@@ -23,8 +23,9 @@ use uuid::Uuid;
 
 use super::health::DbHealth;
 use super::models::WrittenRow;
+use super::work::BeatRow;
 use crate::db::{self, PgPool};
-use crate::domain::{Caller, NewJob, StatusChange};
+use crate::domain::{Beat, Caller, NewJob, RetryPolicy, StatusChange};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
@@ -221,10 +222,17 @@ impl Creates {
 pub struct Updates(Queue<StatusChange, Option<WrittenRow>>);
 
 impl Updates {
-    pub fn start(pool: PgPool, workers: usize, health: DbHealth, metrics: Arc<Metrics>) -> Self {
+    /// `retry`: how a worker's failed attempt is retried.
+    pub fn start(
+        pool: PgPool,
+        workers: usize,
+        health: DbHealth,
+        metrics: Arc<Metrics>,
+        retry: RetryPolicy,
+    ) -> Self {
         let rows = metrics.update_batch_rows.clone();
         Updates(Queue::start(workers, health, rows, move |items| {
-            write_updates(pool.clone(), items)
+            write_updates(pool.clone(), items, retry)
         }))
     }
 
@@ -240,11 +248,15 @@ impl Updates {
 }
 
 /// Writes one caller's compare-and-sets and answers each.
-async fn write_updates(pool: PgPool, mut items: Vec<Item<StatusChange, Option<WrittenRow>>>) {
+async fn write_updates(
+    pool: PgPool,
+    mut items: Vec<Item<StatusChange, Option<WrittenRow>>>,
+    retry: RetryPolicy,
+) {
     let caller = items[0].caller;
     if items.len() == 1 {
         let item = items.pop().expect("one item");
-        let result = update_one(&pool, &item.caller, &item.work).await;
+        let result = update_one(&pool, &item.caller, &item.work, retry).await;
         item.answer(result);
         return;
     }
@@ -260,7 +272,7 @@ async fn write_updates(pool: PgPool, mut items: Vec<Item<StatusChange, Option<Wr
         let changes: Vec<&StatusChange> = batch.iter().map(|item| &item.work).collect();
         let mut db = db::scoped(&pool, &caller).await?;
         let rows = db
-            .exec(|c| db::jobs::compare_and_set_many(c, caller.user(), &changes))
+            .exec(|c| db::jobs::compare_and_set_many(c, caller.user(), &changes, retry))
             .await;
         db.finish(rows).await
     }
@@ -283,13 +295,13 @@ async fn write_updates(pool: PgPool, mut items: Vec<Item<StatusChange, Option<Wr
             // gets its own answer.
             tracing::debug!(error = %e, "batched update failed; writing one by one");
             for item in batch {
-                let result = update_one(&pool, &item.caller, &item.work).await;
+                let result = update_one(&pool, &item.caller, &item.work, retry).await;
                 item.answer(result);
             }
         }
     }
     for item in later {
-        let result = update_one(&pool, &item.caller, &item.work).await;
+        let result = update_one(&pool, &item.caller, &item.work, retry).await;
         item.answer(result);
     }
 }
@@ -298,12 +310,89 @@ async fn update_one(
     pool: &PgPool,
     caller: &Caller,
     change: &StatusChange,
+    retry: RetryPolicy,
 ) -> Result<Option<WrittenRow>> {
     let mut db = db::scoped(pool, caller).await?;
-    let row = db
-        .exec(|c| db::jobs::compare_and_set_status(c, caller.user(), change))
-        .await;
+    let row = match change.lease {
+        // A worker's move: only the batched statement knows leases and retries.
+        Some(_) => {
+            db.exec(|c| async move {
+                let rows =
+                    db::jobs::compare_and_set_many(c, caller.user(), &[change], retry).await?;
+                Ok(rows.into_iter().next())
+            })
+            .await
+        }
+        None => {
+            db.exec(|c| db::jobs::compare_and_set_status(c, caller.user(), change))
+                .await
+        }
+    };
     db.finish(row).await
+}
+
+/// Heartbeat's writer: heartbeats are the hottest write a worker makes, so concurrent ones
+/// share a statement as creates and moves do.
+#[derive(Clone)]
+pub struct Beats(Queue<Beat, Option<BeatRow>>);
+
+impl Beats {
+    pub fn start(pool: PgPool, workers: usize, health: DbHealth, metrics: Arc<Metrics>) -> Self {
+        let rows = metrics.heartbeat_batch_rows.clone();
+        Beats(Queue::start(workers, health, rows, move |items| {
+            write_beats(pool.clone(), items)
+        }))
+    }
+
+    /// Extends a lease (and stores progress) for `caller`; `None`: no such job in scope.
+    pub async fn beat(&self, caller: Caller, beat: Beat) -> Result<Option<BeatRow>> {
+        Ok(self.0.submit(caller, beat).await?.0)
+    }
+}
+
+/// Writes one caller's heartbeats and answers each.
+async fn write_beats(pool: PgPool, items: Vec<Item<Beat, Option<BeatRow>>>) {
+    let caller = items[0].caller;
+    // A job twice in the batch: its first heartbeat goes in the statement, the others after.
+    let mut seen = HashSet::new();
+    let (batch, later): (Vec<_>, Vec<_>) = items
+        .into_iter()
+        .partition(|item| seen.insert(item.work.id));
+    for round in [batch, later] {
+        if round.is_empty() {
+            continue;
+        }
+        let mut round = round;
+        round.sort_by_key(|item| item.work.id);
+        let written = async {
+            let beats: Vec<&Beat> = round.iter().map(|item| &item.work).collect();
+            let mut db = db::scoped(&pool, &caller).await?;
+            let rows = db
+                .exec(|c| db::work::heartbeat_many(c, caller.user(), &beats))
+                .await;
+            db.finish(rows).await
+        }
+        .await;
+        match written {
+            Ok(rows) => {
+                let mut by_id: HashMap<Uuid, BeatRow> =
+                    rows.into_iter().map(|row| (row.id, row)).collect();
+                for item in round {
+                    let row = by_id.remove(&item.work.id);
+                    item.answer(Ok(row));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for item in round {
+                    item.answer(Err(match &e {
+                        Error::Unavailable(_) => Error::Unavailable(message.clone().into()),
+                        _ => Error::Internal(message.clone().into()),
+                    }));
+                }
+            }
+        }
+    }
 }
 
 /// Writes one caller's creates and answers each.

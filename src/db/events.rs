@@ -93,6 +93,20 @@ struct ReadRow {
     completed_at: Option<DateTime<Utc>>,
     #[diesel(sql_type = Nullable<BigInt>)]
     version: Option<i64>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    priority: Option<i32>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    run_after: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    attempt: Option<i32>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    max_attempts: Option<i32>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    lease_expires_at: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    worker_id: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    progress: Option<String>,
     /// The event's JSON and message, in bytes of text.
     #[diesel(sql_type = Nullable<Integer>)]
     bytes: Option<i32>,
@@ -132,6 +146,15 @@ impl ReadRow {
                 completed_at: self.completed_at,
                 version: self.version?,
                 request_id: None,
+                priority: self.priority.unwrap_or(0),
+                run_after: self.run_after,
+                attempt: self.attempt.unwrap_or(0),
+                max_attempts: self.max_attempts.unwrap_or(1),
+                initial_backoff: None,
+                lease_id: None,
+                lease_expires_at: self.lease_expires_at,
+                worker_id: self.worker_id,
+                progress: self.progress.map(|t| lenient_json(&t, "progress")),
             },
         })
     }
@@ -189,11 +212,14 @@ LEFT JOIN LATERAL (
                e.agent_identifier, e.status, e.job_data::text AS job_data, e.result::text AS result,
                e.error_message, e.created_at,
                e.updated_at, e.started_at, e.completed_at, e.version,
+               e.priority, e.run_after, e.attempt, e.max_attempts, e.lease_expires_at,
+               e.worker_id, e.progress::text AS progress,
                s.bytes, sum(s.bytes) OVER (ORDER BY e.feed_xid, e.seq) AS upto
         FROM job_events e
         CROSS JOIN LATERAL (SELECT coalesce(octet_length(e.job_data::text), 0)
                                    + coalesce(octet_length(e.result::text), 0)
-                                   + coalesce(octet_length(e.error_message), 0) AS bytes) s
+                                   + coalesce(octet_length(e.error_message), 0)
+                                   + coalesce(octet_length(e.progress::text), 0) AS bytes) s
         WHERE (e.feed_xid, e.seq) > ($1::text::xid8, $2) AND e.feed_xid < h.horizon {user}
         ORDER BY e.feed_xid, e.seq
         LIMIT $3

@@ -1,13 +1,13 @@
 //! Statements on `jobs`. Each takes a connection (the caller owns any transaction) and the
 //! caller's user scope: `Some(user)` adds `user_id = user` to every statement, so isolation
 //! holds in the application as well as in row-level security.
-use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Jsonb, Nullable, Text, Timestamptz};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::PreparedExt;
 use super::models::{JsonText, WrittenRow};
-use crate::domain::{Job, ListFilter, NewJob, PageCursor, StatusChange};
+use crate::domain::{Job, ListFilter, NewJob, PageCursor, RetryPolicy, StatusChange};
 use crate::error::Result;
 
 /// The columns of a job row ([`Job`]), named rather than `*`: statements stay prepared on
@@ -18,14 +18,17 @@ use crate::error::Result;
 macro_rules! job_columns {
     () => {
         "id, user_id, agent_identifier, status, job_data, result, error_message, created_at, \
-         updated_at, started_at, completed_at, version, request_id"
+         updated_at, started_at, completed_at, version, request_id, priority, run_after, \
+         attempt, max_attempts, initial_backoff, lease_id, lease_expires_at, worker_id, progress"
     };
     ($t:literal) => {
         concat!(
             $t, ".id, ", $t, ".user_id, ", $t, ".agent_identifier, ", $t, ".status, ",
             $t, ".job_data, ", $t, ".result, ", $t, ".error_message, ", $t, ".created_at, ",
             $t, ".updated_at, ", $t, ".started_at, ", $t, ".completed_at, ", $t, ".version, ",
-            $t, ".request_id"
+            $t, ".request_id, ", $t, ".priority, ", $t, ".run_after, ", $t, ".attempt, ",
+            $t, ".max_attempts, ", $t, ".initial_backoff, ", $t, ".lease_id, ",
+            $t, ".lease_expires_at, ", $t, ".worker_id, ", $t, ".progress"
         )
     };
 }
@@ -37,8 +40,9 @@ macro_rules! job_columns {
 #[rustfmt::skip]
 const INSERT_SQL: &str = concat!("
 WITH ins AS (
-    INSERT INTO jobs (user_id, agent_identifier, job_data, request_id, job_data_bytes)
-    VALUES ($1, $2, $3, $4, $5)
+    INSERT INTO jobs (user_id, agent_identifier, job_data, request_id, job_data_bytes, priority,
+                      run_after, max_attempts, initial_backoff)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::int8 * interval '1 microsecond')
     ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
     RETURNING ", job_columns!(), "
 )
@@ -73,6 +77,10 @@ pub(crate) async fn insert(mut conn: &AsyncPgConnection, job: &NewJob) -> Result
         .bind::<Jsonb, _>(&job.job_data)
         .bind::<Nullable<Text>, _>(job.request_id.as_deref())
         .bind::<Integer, _>(job.job_data_bytes)
+        .bind::<Integer, _>(job.priority)
+        .bind::<Nullable<Timestamptz>, _>(job.run_after)
+        .bind::<Integer, _>(job.max_attempts)
+        .bind::<Nullable<BigInt>, _>(job.initial_backoff_us)
         .prepared()
         .load(&mut conn)
         .await?;
@@ -91,11 +99,15 @@ pub(crate) async fn insert(mut conn: &AsyncPgConnection, job: &NewJob) -> Result
 #[rustfmt::skip]
 const INSERT_MANY_SQL: &str = concat!("
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::int4[])
-        AS t(id, user_id, agent_identifier, job_data, request_id, job_data_bytes)
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[], $6::int4[],
+                         $7::int4[], $8::timestamptz[], $9::int4[], $10::int8[])
+        AS t(id, user_id, agent_identifier, job_data, request_id, job_data_bytes, priority,
+             run_after, max_attempts, initial_backoff_us)
 ), ins AS (
-    INSERT INTO jobs (id, user_id, agent_identifier, job_data, request_id, job_data_bytes)
-    SELECT id, user_id, agent_identifier, job_data, request_id, job_data_bytes FROM input
+    INSERT INTO jobs (id, user_id, agent_identifier, job_data, request_id, job_data_bytes,
+                      priority, run_after, max_attempts, initial_backoff)
+    SELECT id, user_id, agent_identifier, job_data, request_id, job_data_bytes, priority,
+           run_after, max_attempts, initial_backoff_us * interval '1 microsecond' FROM input
     ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
     RETURNING ", job_columns!(), "
 )
@@ -125,6 +137,11 @@ pub(crate) async fn insert_many(
     let request_ids: Vec<Option<&str>> =
         jobs.iter().map(|(_, j)| j.request_id.as_deref()).collect();
     let sizes: Vec<i32> = jobs.iter().map(|(_, j)| j.job_data_bytes).collect();
+    let priorities: Vec<i32> = jobs.iter().map(|(_, j)| j.priority).collect();
+    let run_after: Vec<Option<chrono::DateTime<chrono::Utc>>> =
+        jobs.iter().map(|(_, j)| j.run_after).collect();
+    let max_attempts: Vec<i32> = jobs.iter().map(|(_, j)| j.max_attempts).collect();
+    let backoffs: Vec<Option<i64>> = jobs.iter().map(|(_, j)| j.initial_backoff_us).collect();
     let rows = diesel::sql_query(INSERT_MANY_SQL)
         .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
         .bind::<Array<Nullable<diesel::sql_types::Uuid>>, _>(owners)
@@ -132,6 +149,10 @@ pub(crate) async fn insert_many(
         .bind::<Array<Jsonb>, _>(data)
         .bind::<Array<Nullable<Text>>, _>(request_ids)
         .bind::<Array<Integer>, _>(sizes)
+        .bind::<Array<Integer>, _>(priorities)
+        .bind::<Array<Nullable<Timestamptz>>, _>(run_after)
+        .bind::<Array<Integer>, _>(max_attempts)
+        .bind::<Array<Nullable<BigInt>>, _>(backoffs)
         .prepared()
         .load(&mut conn)
         .await?;
@@ -185,7 +206,9 @@ WITH upd AS (
         started_at = CASE WHEN $2 = 'running' THEN now() ELSE started_at END,
         completed_at = CASE WHEN $2 IN ('completed', 'failed', 'cancelled') THEN now() ELSE completed_at END,
         result = CASE WHEN $2 = 'completed' THEN $3 ELSE result END,
-        error_message = CASE WHEN $2 = 'failed' THEN $4 ELSE error_message END
+        error_message = CASE WHEN $2 = 'failed' THEN $4 ELSE error_message END,
+        lease_id = CASE WHEN $2 = 'running' THEN NULL ELSE lease_id END,
+        lease_expires_at = NULL
     WHERE id = $1
       AND status = ANY($5::job_status[])
       AND ($6::bigint IS NULL OR version = $6)
@@ -232,22 +255,45 @@ pub(crate) async fn compare_and_set_status(
 // previous statuses travel as a comma-separated list (arrays of arrays cannot be unnested
 // per row). Rows whose move did not apply come back as the statement saw them. The job ids
 // must be distinct: UPDATE ... FROM applies at most one input row to a job.
+//
+// A worker's move (a row with a lease_id) applies only while the job is RUNNING under that
+// lease, and the lease ends with it. FAILED with attempts left (and no no_retry) goes back to
+// PENDING with run_after = now + backoff ($10 initial µs unless the job sets its own, $11
+// factor, $12 most µs); PENDING hands the job back at once, without counting the attempt.
 #[rustfmt::skip]
 const CAS_MANY_SQL: &str = concat!("
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::int8[],
-                         $8::int8[], $9::int8[])
-        AS t(id, target, result, error_message, allowed, expected_version, added_bytes, max_bytes)
+    SELECT t.*, (t.lease_id IS NOT NULL AND t.target = 'failed' AND NOT t.no_retry) AS may_retry,
+           (t.lease_id IS NOT NULL AND t.target = 'pending') AS release
+    FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::int8[],
+                $8::int8[], $9::int8[], $13::uuid[], $14::bool[])
+        AS t(id, target, result, error_message, allowed, expected_version, added_bytes, max_bytes,
+             lease_id, no_retry)
 ), upd AS (
     UPDATE jobs SET
-        status = i.target::job_status,
+        status = (CASE WHEN i.may_retry AND jobs.attempt < jobs.max_attempts THEN 'pending'
+                       ELSE i.target END)::job_status,
         started_at = CASE WHEN i.target = 'running' THEN now() ELSE jobs.started_at END,
-        completed_at = CASE WHEN i.target IN ('completed', 'failed', 'cancelled') THEN now() ELSE jobs.completed_at END,
+        completed_at = CASE WHEN i.target IN ('completed', 'failed', 'cancelled')
+                                 AND NOT (i.may_retry AND jobs.attempt < jobs.max_attempts)
+                            THEN now() ELSE jobs.completed_at END,
         result = CASE WHEN i.target = 'completed' THEN i.result ELSE jobs.result END,
-        error_message = CASE WHEN i.target = 'failed' THEN i.error_message ELSE jobs.error_message END
+        error_message = CASE WHEN i.target = 'failed' THEN i.error_message ELSE jobs.error_message END,
+        run_after = CASE WHEN i.may_retry AND jobs.attempt < jobs.max_attempts
+                         THEN now() + jobs_retry_delay(jobs.attempt,
+                                          coalesce(jobs.initial_backoff, $10 * interval '1 microsecond'),
+                                          $11, $12 * interval '1 microsecond')
+                         WHEN i.release THEN NULL
+                         ELSE jobs.run_after END,
+        attempt = CASE WHEN i.release THEN greatest(jobs.attempt - 1, 0) ELSE jobs.attempt END,
+        lease_id = CASE WHEN i.target = 'running' THEN NULL ELSE jobs.lease_id END,
+        lease_expires_at = NULL
     FROM input i
     WHERE jobs.id = i.id
-      AND jobs.status = ANY(string_to_array(i.allowed, ',')::job_status[])
+      AND CASE WHEN i.lease_id IS NULL
+               THEN jobs.status = ANY(string_to_array(i.allowed, ',')::job_status[])
+               ELSE jobs.status = 'running' AND jobs.lease_id = i.lease_id
+                    AND i.target IN ('completed', 'failed', 'cancelled', 'pending') END
       AND (i.expected_version IS NULL OR jobs.version = i.expected_version)
       AND ($7::uuid IS NULL OR jobs.user_id = $7)
       AND (i.added_bytes IS NULL
@@ -261,10 +307,12 @@ WHERE ($7::uuid IS NULL OR j.user_id = $7) AND i.id NOT IN (SELECT id FROM upd)"
 
 /// Attempts the compare-and-set `changes` (distinct job ids) in one statement; returns one
 /// row per job found in scope, as [`compare_and_set_status`] would, in no particular order.
+/// `retry` says how a worker's failed attempt is retried.
 pub(crate) async fn compare_and_set_many(
     mut conn: &AsyncPgConnection,
     scope: Option<Uuid>,
     changes: &[&StatusChange],
+    retry: RetryPolicy,
 ) -> Result<Vec<WrittenRow>> {
     let ids: Vec<Uuid> = changes.iter().map(|c| c.id).collect();
     let targets: Vec<&str> = changes.iter().map(|c| c.target.as_str()).collect();
@@ -281,6 +329,14 @@ pub(crate) async fn compare_and_set_many(
     let versions: Vec<Option<i64>> = changes.iter().map(|c| c.expected_version).collect();
     let added: Vec<Option<i64>> = changes.iter().map(|c| c.size.map(|s| s.added)).collect();
     let limits: Vec<Option<i64>> = changes.iter().map(|c| c.size.map(|s| s.limit)).collect();
+    let leases: Vec<Option<Uuid>> = changes
+        .iter()
+        .map(|c| c.lease.map(|l| l.lease_id))
+        .collect();
+    let no_retry: Vec<bool> = changes
+        .iter()
+        .map(|c| c.lease.is_some_and(|l| l.no_retry))
+        .collect();
     Ok(diesel::sql_query(CAS_MANY_SQL)
         .bind::<Array<diesel::sql_types::Uuid>, _>(ids)
         .bind::<Array<Text>, _>(targets)
@@ -291,6 +347,11 @@ pub(crate) async fn compare_and_set_many(
         .bind::<Nullable<diesel::sql_types::Uuid>, _>(scope)
         .bind::<Array<Nullable<BigInt>>, _>(added)
         .bind::<Array<Nullable<BigInt>>, _>(limits)
+        .bind::<BigInt, _>(retry.initial_us)
+        .bind::<Double, _>(retry.multiplier)
+        .bind::<BigInt, _>(retry.max_us)
+        .bind::<Array<Nullable<diesel::sql_types::Uuid>>, _>(leases)
+        .bind::<Array<Bool>, _>(no_retry)
         .prepared()
         .load(&mut conn)
         .await?)
@@ -310,7 +371,7 @@ pub async fn list(
     after: Option<PageCursor>,
     limit: i64,
 ) -> Result<Vec<Job<JsonText>>> {
-    use diesel::sql_types::{Interval, Timestamptz};
+    use diesel::sql_types::Interval;
     let mut sql = String::from(concat!("SELECT ", job_columns!(), " FROM jobs WHERE TRUE"));
     let mut n = 0;
     let mut next = || {

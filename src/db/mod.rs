@@ -8,6 +8,7 @@
 //! - [`batch`]: natural batching of creates and moves (concurrent calls share a statement).
 //! - [`jobs`], [`events`], [`stats`], [`transfer`]: the statements, by table and purpose; each
 //!   takes a connection, so the caller owns the transaction.
+//! - [`work`]: the workers' statements: claims, heartbeats, the lease sweeper's batch.
 //! - [`health`]: whether the database answers, so calls fail fast while it does not.
 //! - [`maintenance`]: the batch maintenance functions the background tasks call.
 //! - [`models`], [`schema`]: row types and the SQL mappings of domain types.
@@ -17,6 +18,8 @@
 pub(crate) mod batch;
 pub mod events;
 pub(crate) mod health;
+// `job_columns!` is defined in `jobs` and used by `work`.
+#[macro_use]
 pub mod jobs;
 pub(crate) mod maintenance;
 pub mod models;
@@ -26,6 +29,7 @@ pub(crate) mod schema;
 mod scoped;
 pub(crate) mod stats;
 pub(crate) mod transfer;
+pub mod work;
 
 pub use pool::{
     MAX_IDLE, MIGRATIONS, PgConn, PgPool, connect, connect_named, migrate, pool, retire_idle,

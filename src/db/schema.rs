@@ -25,5 +25,15 @@ diesel::table! {
         version -> Int8,
         request_id -> Nullable<Text>,
         job_data_bytes -> Nullable<Int4>,
+        priority -> Int4,
+        run_after -> Nullable<Timestamptz>,
+        attempt -> Int4,
+        max_attempts -> Int4,
+        initial_backoff -> Nullable<Interval>,
+        lease_id -> Nullable<Uuid>,
+        lease_expires_at -> Nullable<Timestamptz>,
+        lease_duration -> Nullable<Interval>,
+        worker_id -> Nullable<Text>,
+        progress -> Nullable<Jsonb>,
     }
 }

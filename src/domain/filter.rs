@@ -46,6 +46,8 @@ pub struct WatchFilter {
     pub agent_identifier: Option<String>,
     /// The effective owner scope: always the user itself for a user's subscription.
     pub user: Option<Uuid>,
+    /// Only jobs last claimed by this worker.
+    pub worker_id: Option<String>,
 }
 
 impl WatchFilter {
@@ -58,6 +60,10 @@ impl WatchFilter {
                 .as_deref()
                 .is_none_or(|a| a == job.agent_identifier)
             && self.user.is_none_or(|u| job.user_id == Some(u))
+            && self
+                .worker_id
+                .as_deref()
+                .is_none_or(|w| job.worker_id.as_deref() == Some(w))
     }
 }
 

@@ -26,6 +26,20 @@ pub struct Job<J = serde_json::Value> {
     pub completed_at: Option<DateTime<Utc>>,
     pub version: i64,
     pub request_id: Option<String>,
+    /// Workers: claimed highest first.
+    pub priority: i32,
+    /// Not claimable before this time.
+    pub run_after: Option<DateTime<Utc>>,
+    /// Claims so far.
+    pub attempt: i32,
+    pub max_attempts: i32,
+    /// The first retry's delay for this job, when it sets its own.
+    pub initial_backoff: Option<diesel::pg::data_types::PgInterval>,
+    /// The lease of the current (or last) claim: a capability, never shown on a Job.
+    pub lease_id: Option<Uuid>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub worker_id: Option<String>,
+    pub progress: Option<J>,
 }
 
 /// A validated job to create.
@@ -39,6 +53,11 @@ pub struct NewJob {
     /// `job_data`'s protobuf-encoded size as a field of a job (kept with the row, for the
     /// size check of later moves).
     pub job_data_bytes: i32,
+    pub priority: i32,
+    pub run_after: Option<DateTime<Utc>>,
+    pub max_attempts: i32,
+    /// The first retry's delay for this job, in microseconds; None: the server's default.
+    pub initial_backoff_us: Option<i64>,
 }
 
 /// A validated status change.
@@ -52,6 +71,56 @@ pub struct StatusChange {
     /// For a move that stores a result or an error message: the job must stay within the
     /// size limit with them, or the move does not apply.
     pub size: Option<SizeCheck>,
+    /// A worker's move: it applies only while the job is RUNNING under this lease.
+    pub lease: Option<LeaseMove>,
+}
+
+/// What a worker's move ([`StatusChange::lease`]) carries besides its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseMove {
+    pub lease_id: Uuid,
+    /// A FAILED move fails for good, whatever attempts are left.
+    pub no_retry: bool,
+}
+
+/// How a failed attempt is retried: the first delay (unless the job sets its own), the
+/// factor per attempt, and the most.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub initial_us: i64,
+    pub multiplier: f64,
+    pub max_us: i64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            initial_us: 1_000_000,
+            multiplier: 2.0,
+            max_us: 3_600_000_000,
+        }
+    }
+}
+
+/// A claim: which jobs, for whom, and the lease they get.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub agent_identifier: String,
+    /// Only this user's jobs (always the user itself for a user's claim).
+    pub user: Option<Uuid>,
+    pub max_jobs: i64,
+    pub lease_us: i64,
+    pub worker_id: Option<String>,
+}
+
+/// A heartbeat: extend `lease_id` on job `id` (by `lease_us`, else the claim's), store
+/// `progress` when set.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    pub id: Uuid,
+    pub lease_id: Uuid,
+    pub lease_us: Option<i64>,
+    pub progress: Option<serde_json::Value>,
 }
 
 /// What a move adds to a job, and the most the job may hold (protobuf-encoded bytes of

@@ -18,6 +18,6 @@ pub mod status;
 
 pub use caller::{Caller, Role};
 pub use filter::{ExportFilter, ListFilter, WatchFilter};
-pub use job::{Job, NewJob, SizeCheck, StatusChange};
+pub use job::{Beat, Claim, Job, LeaseMove, NewJob, RetryPolicy, SizeCheck, StatusChange};
 pub use position::{PageCursor, Position, Snapshot};
 pub use status::{JobStatus, Transition, transition};

@@ -69,7 +69,7 @@ pub enum Start {
 pub enum Delivery {
     /// A job of the initial snapshot (`include_existing`). It carries no resume point: a
     /// client that reconnects mid-snapshot starts over.
-    Existing(Job),
+    Existing(Box<Job>),
     /// A committed change that matched, and where the stream stands just after it.
     Change(Arc<Event>, ResumePoint),
     /// The live feed is attached: from here on nothing is missed.
@@ -286,7 +286,7 @@ impl StreamTask {
                 events::existing_jobs(&mut conn, &self.filter, after, SNAPSHOT_PAGE).await?;
             after = page.last().map(|j| j.id);
             for job in page {
-                let existing = Box::new(Delivery::Existing(job));
+                let existing = Box::new(Delivery::Existing(Box::new(job)));
                 match tx.send_timeout(Ok(existing), SNAPSHOT_STALL).await {
                     Ok(()) => {}
                     Err(mpsc::error::SendTimeoutError::Timeout(_)) => {

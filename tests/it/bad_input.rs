@@ -32,6 +32,7 @@ async fn bad_input_table() {
             job_data: data,
             user_id: user.into(),
             request_id: rid.into(),
+            ..Default::default()
         }
     };
     let big = jobsvc::api::convert::json_to_struct(

@@ -175,6 +175,7 @@ async fn concurrent_moves_share_statements_and_each_job_moves_once() {
                     }),
                     error_message: format!("e{n}"),
                     expected_version,
+                    ..Default::default()
                 };
                 let owner = *caller;
                 tasks.push(tokio::spawn(async move {

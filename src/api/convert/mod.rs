@@ -9,5 +9,7 @@ pub(crate) mod size;
 pub(crate) use json::check_json;
 pub use json::{JsonLimits, json_to_struct, json_to_value, struct_to_json, value_to_json};
 pub use reply::timestamp;
-pub(crate) use reply::{delivery_to_pb, fill_page, history_to_pb, job_to_pb, stats_to_pb};
+pub(crate) use reply::{
+    claimed_to_pb, delivery_to_pb, fill_page, history_to_pb, job_to_pb, stats_to_pb,
+};
 pub(crate) use request::*;

@@ -45,6 +45,22 @@ pub fn job_to_pb<J: JsonColumn>(row: Job<J>) -> pb::Job {
         started_at: row.started_at.map(timestamp),
         completed_at: row.completed_at.map(timestamp),
         version: row.version,
+        priority: row.priority,
+        run_after: row.run_after.map(timestamp),
+        attempt: row.attempt,
+        max_attempts: row.max_attempts,
+        lease_expire_time: row.lease_expires_at.map(timestamp),
+        worker_id: row.worker_id.unwrap_or_default(),
+        progress: row.progress.map(J::into_value),
+    }
+}
+
+/// A claimed job and its lease.
+pub fn claimed_to_pb(job: Job) -> pb::ClaimedJob {
+    let lease_id = job.lease_id.map(|l| l.to_string()).unwrap_or_default();
+    pb::ClaimedJob {
+        job: Some(job_to_pb(job)),
+        lease_id,
     }
 }
 
@@ -104,7 +120,7 @@ pub fn stats_to_pb(c: Counts, oldest_pending: Option<DateTime<Utc>>) -> pb::JobS
 pub fn delivery_to_pb(delivery: Delivery, tokens: &TokenKey, caller: &Caller) -> pb::JobUpdate {
     let token = |p: &ResumePoint| tokens.resume_token_with_skip(caller, p.at, p.skip.as_ref());
     let (resume_token, event) = match delivery {
-        Delivery::Existing(job) => (String::new(), Update::Job(job_to_pb(job))),
+        Delivery::Existing(job) => (String::new(), Update::Job(job_to_pb(*job))),
         Delivery::Change(event, resume) => {
             // The feed's copy is shared with the other subscribers it matched.
             let job = std::sync::Arc::try_unwrap(event).map_or_else(|e| e.job.clone(), |e| e.job);

@@ -7,7 +7,8 @@ use super::json::{JsonLimits, nul_error, struct_to_json, value_to_json};
 use super::size;
 use crate::api::tokens::{Fingerprint, fingerprint};
 use crate::domain::{
-    Caller, JobStatus, ListFilter, NewJob, Role, SizeCheck, StatusChange, WatchFilter,
+    Beat, Caller, Claim, JobStatus, LeaseMove, ListFilter, NewJob, Role, SizeCheck, StatusChange,
+    WatchFilter,
 };
 use crate::error::{Error, Result};
 use crate::pb;
@@ -251,12 +252,181 @@ pub fn new_job(caller: &Caller, msg: pb::CreateJobRequest, limits: JsonLimits) -
     if job_data_bytes > limits.max_job_bytes {
         return Err(payload_too_large("job_data", job_data_bytes, limits));
     }
+    if !PRIORITIES.contains(&msg.priority) {
+        return Err(Error::invalid(
+            "priority",
+            "INVALID_PRIORITY",
+            format!(
+                "priority must be from {} to {} (got {})",
+                PRIORITIES.start(),
+                PRIORITIES.end(),
+                msg.priority
+            ),
+        ));
+    }
+    let max_attempts = match msg.max_attempts {
+        0 => 1,
+        n if ATTEMPTS.contains(&n) => n,
+        n => {
+            return Err(Error::invalid(
+                "max_attempts",
+                "INVALID_MAX_ATTEMPTS",
+                format!(
+                    "max_attempts must be from {} to {} (got {n}; 0 means 1: no retry)",
+                    ATTEMPTS.start(),
+                    ATTEMPTS.end()
+                ),
+            ));
+        }
+    };
+    let initial_backoff_us = msg
+        .initial_backoff
+        .map(|d| parse_bounded_duration("initial_backoff", d, MAX_BACKOFF))
+        .transpose()?
+        .map(|d| d.as_micros() as i64);
     Ok(NewJob {
         owner,
         agent_identifier,
         job_data,
         request_id: validate_request_id(&msg.request_id)?,
         job_data_bytes: i32::try_from(job_data_bytes).unwrap_or(i32::MAX),
+        priority: msg.priority,
+        run_after: msg
+            .run_after
+            .map(|t| parse_timestamp("run_after", t).map(to_micros))
+            .transpose()?,
+        max_attempts,
+        initial_backoff_us,
+    })
+}
+
+/// Job priorities: higher is claimed first.
+pub const PRIORITIES: std::ops::RangeInclusive<i32> = -1000..=1000;
+/// `max_attempts`.
+pub const ATTEMPTS: std::ops::RangeInclusive<i32> = 1..=100;
+/// The longest per-job `initial_backoff`.
+pub const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(3600);
+/// `max_jobs` of one claim.
+pub const MAX_CLAIM: i32 = 100;
+/// Lease durations: at least a second, at most an hour.
+pub const LEASES: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
+/// A lease's length when the claim names none.
+pub const DEFAULT_LEASE: std::time::Duration = std::time::Duration::from_secs(60);
+/// The longest a claim waits.
+pub const MAX_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The largest `progress` a heartbeat may store (encoded), so that a job always fits in a
+/// response (the job size limit leaves room for it).
+pub const MAX_PROGRESS_BYTES: usize = 64 << 10;
+
+/// The database keeps microseconds: a time compared with a stored one (a repeated create's
+/// `run_after`) is cut to them first.
+fn to_micros(t: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(t.timestamp_micros()).unwrap_or(t)
+}
+
+/// A lease length within [`LEASES`].
+fn parse_lease(field: &'static str, d: prost_types::Duration) -> Result<std::time::Duration> {
+    let d = parse_duration(field, d)?;
+    if !LEASES.contains(&d) {
+        return Err(Error::invalid(
+            field,
+            "INVALID_DURATION",
+            format!(
+                "{field} must be from 1s to 3600s (got {:.3}s)",
+                d.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+/// A lease as a request names it: an opaque string that jobsvc made from a UUID. Any other
+/// string is a lease no job holds (LEASE_LOST, answered by the move), never malformed input.
+fn parse_lease_id(s: &str) -> Uuid {
+    Uuid::parse_str(s).unwrap_or(Uuid::nil())
+}
+
+/// A worker's label: as an agent identifier (1..255 printable characters), or empty.
+fn validate_worker_id(s: &str) -> Result<Option<String>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    validate_agent_identifier("worker_id", s)
+        .map(Some)
+        .map_err(|e| Error::invalid("worker_id", "INVALID_WORKER_ID", e.to_string()))
+}
+
+/// A ClaimJobs request as a claim, and how long it may wait.
+pub fn claim(caller: &Caller, msg: &pb::ClaimJobsRequest) -> Result<(Claim, std::time::Duration)> {
+    let agent_identifier = validate_agent_identifier("agent_identifier", &msg.agent_identifier)?;
+    let max_jobs = match msg.max_jobs {
+        0 => 1,
+        n if (1..=MAX_CLAIM).contains(&n) => n,
+        n => {
+            return Err(Error::invalid(
+                "max_jobs",
+                "INVALID_MAX_JOBS",
+                format!("max_jobs must be from 1 to {MAX_CLAIM} (got {n}; 0 means 1)"),
+            ));
+        }
+    };
+    let lease = match msg.lease_duration {
+        Some(d) => parse_lease("lease_duration", d)?,
+        None => DEFAULT_LEASE,
+    };
+    let wait = match msg.wait {
+        Some(d) => parse_bounded_duration("wait", d, MAX_CLAIM_WAIT)?,
+        None => std::time::Duration::ZERO,
+    };
+    Ok((
+        Claim {
+            agent_identifier,
+            user: resolve_user(caller, parse_optional_uuid("user_id", &msg.user_id)?)?,
+            max_jobs: i64::from(max_jobs),
+            lease_us: lease.as_micros() as i64,
+            worker_id: validate_worker_id(&msg.worker_id)?,
+        },
+        wait,
+    ))
+}
+
+/// A Heartbeat request as a beat.
+pub fn beat(msg: pb::HeartbeatRequest, limits: JsonLimits) -> Result<Beat> {
+    let id = parse_uuid("id", &msg.id)?;
+    if msg.lease_id.is_empty() {
+        return Err(Error::invalid(
+            "lease_id",
+            "MISSING_FIELD",
+            "lease_id is required: the lease_id ClaimJobs returned with the job",
+        ));
+    }
+    let progress = msg
+        .progress
+        .map(|v| value_to_json("progress", v, limits))
+        .transpose()?;
+    if let Some(p) = &progress {
+        let bytes = size::value_len(p);
+        if bytes > MAX_PROGRESS_BYTES {
+            return Err(Error::invalid(
+                "progress",
+                "PAYLOAD_TOO_LARGE",
+                format!(
+                    "progress is {bytes} bytes encoded; at most {MAX_PROGRESS_BYTES}: report a \
+                     summary, keep the rest in the result"
+                ),
+            ));
+        }
+    }
+    Ok(Beat {
+        id,
+        lease_id: parse_lease_id(&msg.lease_id),
+        lease_us: msg
+            .lease_duration
+            .map(|d| parse_lease("lease_duration", d))
+            .transpose()?
+            .map(|d| d.as_micros() as i64),
+        progress,
     })
 }
 
@@ -284,6 +454,26 @@ pub fn status_change(msg: pb::UpdateStatusRequest, limits: JsonLimits) -> Result
         };
         return Err(payload_too_large(field, added, limits));
     }
+    let lease = match msg.lease_id.as_str() {
+        "" if msg.no_retry => {
+            return Err(Error::invalid(
+                "no_retry",
+                "MISSING_FIELD",
+                "no_retry applies to a worker's move: send the lease_id of the claim with it",
+            ));
+        }
+        "" => None,
+        lease_id => Some(LeaseMove {
+            lease_id: parse_lease_id(lease_id),
+            no_retry: msg.no_retry,
+        }),
+    };
+    if lease.is_some() && target == JobStatus::Running {
+        return Err(Error::InvalidTransition {
+            current: JobStatus::Running,
+            requested: JobStatus::Running,
+        });
+    }
     Ok(StatusChange {
         id: parse_uuid("id", &msg.id)?,
         target,
@@ -294,6 +484,7 @@ pub fn status_change(msg: pb::UpdateStatusRequest, limits: JsonLimits) -> Result
             added: added as i64,
             limit: limits.max_job_bytes as i64,
         }),
+        lease,
     })
 }
 
@@ -434,6 +625,7 @@ pub fn watch_filter(caller: &Caller, msg: &pb::StreamJobUpdatesRequest) -> Resul
             a => Some(validate_agent_identifier("agent_identifier", a)?),
         },
         user: resolve_user(caller, parse_optional_uuid("user_id", &msg.user_id)?)?,
+        worker_id: validate_worker_id(&msg.worker_id)?,
     })
 }
 

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12jobs/v1/jobs.proto\x12\x07jobs.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9d\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x18\n\x10\x61gent_identifier\x18\x03 \x01(\t\x12\"\n\x06status\x18\x04 \x01(\x0e\x32\x12.jobs.v1.JobStatus\x12)\n\x08job_data\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x06result\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x0c \x01(\x03\"|\n\x10\x43reateJobRequest\x12\x18\n\x10\x61gent_identifier\x18\x01 \x01(\t\x12)\n\x08job_data\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xb8\x01\n\x13UpdateStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.jobs.v1.JobStatus\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"H\n\x0eWaitJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xdc\x02\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x08statuses\x18\x03 \x03(\x0e\x32\x12.jobs.v1.JobStatus\x12\x18\n\x10\x61gent_identifier\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x11job_data_contains\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\x13running_longer_than\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.jobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x15ListJobEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.jobs.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x08JobEvent\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.jobs.v1.JobStatus\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x0e\n\x06job_id\x18\x05 \x01(\t\"\xab\x01\n\x17StreamJobUpdatesRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12$\n\x08statuses\x18\x02 \x03(\x0e\x32\x12.jobs.v1.JobStatus\x12\x18\n\x10\x61gent_identifier\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x18\n\x10include_existing\x18\x05 \x01(\x08\x12\x14\n\x0cresume_token\x18\x06 \x01(\t\"\x9f\x01\n\tJobUpdate\x12\x14\n\x0cresume_token\x18\x01 \x01(\t\x12\x1b\n\x03job\x18\x02 \x01(\x0b\x32\x0c.jobs.v1.JobH\x00\x12\'\n\x06synced\x18\x03 \x01(\x0b\x32\x15.jobs.v1.StreamSyncedH\x00\x12-\n\theartbeat\x18\x04 \x01(\x0b\x32\x18.jobs.v1.StreamHeartbeatH\x00\x42\x07\n\x05\x65vent\"\x0e\n\x0cStreamSynced\"\x11\n\x0fStreamHeartbeat\"<\n\x0fGetStatsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10\x61gent_identifier\x18\x02 \x01(\t\"\xd0\x01\n\x08JobStats\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\x12\x1e\n\x16\x61vg_processing_seconds\x18\x07 \x01(\x01\x12=\n\x19oldest_pending_created_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x32\xac\x04\n\nJobService\x12\x34\n\tCreateJob\x12\x19.jobs.v1.CreateJobRequest\x1a\x0c.jobs.v1.Job\x12.\n\x06GetJob\x12\x16.jobs.v1.GetJobRequest\x1a\x0c.jobs.v1.Job\x12:\n\x0cUpdateStatus\x12\x1c.jobs.v1.UpdateStatusRequest\x1a\x0c.jobs.v1.Job\x12\x34\n\tCancelJob\x12\x19.jobs.v1.CancelJobRequest\x1a\x0c.jobs.v1.Job\x12\x30\n\x07WaitJob\x12\x17.jobs.v1.WaitJobRequest\x1a\x0c.jobs.v1.Job\x12?\n\x08ListJobs\x12\x18.jobs.v1.ListJobsRequest\x1a\x19.jobs.v1.ListJobsResponse\x12N\n\rListJobEvents\x12\x1d.jobs.v1.ListJobEventsRequest\x1a\x1e.jobs.v1.ListJobEventsResponse\x12J\n\x10StreamJobUpdates\x12 .jobs.v1.StreamJobUpdatesRequest\x1a\x12.jobs.v1.JobUpdate0\x01\x12\x37\n\x08GetStats\x12\x18.jobs.v1.GetStatsRequest\x1a\x11.jobs.v1.JobStatsB\x86\x01\n\x12\x64\x65v.jobsvc.jobs.v1B\tJobsProtoP\x01Z.github.com/jobsvc/jobsvc/gen/go/jobs/v1;jobsv1\xaa\x02\x0eJobsvc.Jobs.V1\xca\x02\x0eJobsvc\\Jobs\\V1\xea\x02\x10Jobsvc::Jobs::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12jobs/v1/jobs.proto\x12\x07jobs.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf9\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x18\n\x10\x61gent_identifier\x18\x03 \x01(\t\x12\"\n\x06status\x18\x04 \x01(\x0e\x32\x12.jobs.v1.JobStatus\x12)\n\x08job_data\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x06result\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x15\n\rerror_message\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x0c \x01(\x03\x12\x10\n\x08priority\x18\r \x01(\x05\x12-\n\trun_after\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x0f \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x10 \x01(\x05\x12\x35\n\x11lease_expire_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworker_id\x18\x12 \x01(\t\x12(\n\x08progress\x18\x13 \x01(\x0b\x32\x16.google.protobuf.Value\"\x87\x02\n\x10\x43reateJobRequest\x12\x18\n\x10\x61gent_identifier\x18\x01 \x01(\t\x12)\n\x08job_data\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12-\n\trun_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x32\n\x0finitial_backoff\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xdc\x01\n\x13UpdateStatusRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.jobs.v1.JobStatus\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08lease_id\x18\x06 \x01(\t\x12\x10\n\x08no_retry\x18\x07 \x01(\x08\x42\x13\n\x11_expected_version\"\xbe\x01\n\x10\x43laimJobsRequest\x12\x18\n\x10\x61gent_identifier\x18\x01 \x01(\t\x12\x10\n\x08max_jobs\x18\x02 \x01(\x05\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x0f\n\x07user_id\x18\x06 \x01(\t\"9\n\nClaimedJob\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.jobs.v1.Job\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"6\n\x11\x43laimJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.jobs.v1.ClaimedJob\"\x8d\x01\n\x10HeartbeatRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x31\n\x0elease_duration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x08progress\x18\x04 \x01(\x0b\x32\x16.google.protobuf.Value\"d\n\x11HeartbeatResponse\x12\x35\n\x11lease_expire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x61ncel_requested\x18\x02 \x01(\x08\"\x1e\n\x10\x43\x61ncelJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"H\n\x0eWaitJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xdc\x02\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x08statuses\x18\x03 \x03(\x0e\x32\x12.jobs.v1.JobStatus\x12\x18\n\x10\x61gent_identifier\x18\x04 \x01(\t\x12\x0f\n\x07user_id\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x11job_data_contains\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\x13running_longer_than\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"G\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.jobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"M\n\x14ListJobEventsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x15ListJobEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.jobs.v1.JobEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x08JobEvent\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\"\n\x06status\x18\x02 \x01(\x0e\x32\x12.jobs.v1.JobStatus\x12/\n\x0boccurred_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x0e\n\x06job_id\x18\x05 \x01(\t\"\xbe\x01\n\x17StreamJobUpdatesRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12$\n\x08statuses\x18\x02 \x03(\x0e\x32\x12.jobs.v1.JobStatus\x12\x18\n\x10\x61gent_identifier\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x18\n\x10include_existing\x18\x05 \x01(\x08\x12\x14\n\x0cresume_token\x18\x06 \x01(\t\x12\x11\n\tworker_id\x18\x07 \x01(\t\"\x9f\x01\n\tJobUpdate\x12\x14\n\x0cresume_token\x18\x01 \x01(\t\x12\x1b\n\x03job\x18\x02 \x01(\x0b\x32\x0c.jobs.v1.JobH\x00\x12\'\n\x06synced\x18\x03 \x01(\x0b\x32\x15.jobs.v1.StreamSyncedH\x00\x12-\n\theartbeat\x18\x04 \x01(\x0b\x32\x18.jobs.v1.StreamHeartbeatH\x00\x42\x07\n\x05\x65vent\"\x0e\n\x0cStreamSynced\"\x11\n\x0fStreamHeartbeat\"<\n\x0fGetStatsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10\x61gent_identifier\x18\x02 \x01(\t\"\xd0\x01\n\x08JobStats\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x0f\n\x07running\x18\x03 \x01(\x03\x12\x11\n\tcompleted\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x11\n\tcancelled\x18\x06 \x01(\x03\x12\x1e\n\x16\x61vg_processing_seconds\x18\x07 \x01(\x01\x12=\n\x19oldest_pending_created_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x01\n\tJobStatus\x12\x1a\n\x16JOB_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12JOB_STATUS_PENDING\x10\x01\x12\x16\n\x12JOB_STATUS_RUNNING\x10\x02\x12\x18\n\x14JOB_STATUS_COMPLETED\x10\x03\x12\x15\n\x11JOB_STATUS_FAILED\x10\x04\x12\x18\n\x14JOB_STATUS_CANCELLED\x10\x05\x32\xb4\x05\n\nJobService\x12\x34\n\tCreateJob\x12\x19.jobs.v1.CreateJobRequest\x1a\x0c.jobs.v1.Job\x12.\n\x06GetJob\x12\x16.jobs.v1.GetJobRequest\x1a\x0c.jobs.v1.Job\x12:\n\x0cUpdateStatus\x12\x1c.jobs.v1.UpdateStatusRequest\x1a\x0c.jobs.v1.Job\x12\x34\n\tCancelJob\x12\x19.jobs.v1.CancelJobRequest\x1a\x0c.jobs.v1.Job\x12\x30\n\x07WaitJob\x12\x17.jobs.v1.WaitJobRequest\x1a\x0c.jobs.v1.Job\x12?\n\x08ListJobs\x12\x18.jobs.v1.ListJobsRequest\x1a\x19.jobs.v1.ListJobsResponse\x12N\n\rListJobEvents\x12\x1d.jobs.v1.ListJobEventsRequest\x1a\x1e.jobs.v1.ListJobEventsResponse\x12J\n\x10StreamJobUpdates\x12 .jobs.v1.StreamJobUpdatesRequest\x1a\x12.jobs.v1.JobUpdate0\x01\x12\x37\n\x08GetStats\x12\x18.jobs.v1.GetStatsRequest\x1a\x11.jobs.v1.JobStats\x12\x42\n\tClaimJobs\x12\x19.jobs.v1.ClaimJobsRequest\x1a\x1a.jobs.v1.ClaimJobsResponse\x12\x42\n\tHeartbeat\x12\x19.jobs.v1.HeartbeatRequest\x1a\x1a.jobs.v1.HeartbeatResponseB\x86\x01\n\x12\x64\x65v.jobsvc.jobs.v1B\tJobsProtoP\x01Z.github.com/jobsvc/jobsvc/gen/go/jobs/v1;jobsv1\xaa\x02\x0eJobsvc.Jobs.V1\xca\x02\x0eJobsvc\\Jobs\\V1\xea\x02\x10Jobsvc::Jobs::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,42 +35,52 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jobs.v1.jobs_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022dev.jobsvc.jobs.v1B\tJobsProtoP\001Z.github.com/jobsvc/jobsvc/gen/go/jobs/v1;jobsv1\252\002\016Jobsvc.Jobs.V1\312\002\016Jobsvc\\Jobs\\V1\352\002\020Jobsvc::Jobs::V1'
-  _globals['_JOBSTATUS']._serialized_start=2377
-  _globals['_JOBSTATUS']._serialized_end=2539
+  _globals['_JOBSTATUS']._serialized_start=3346
+  _globals['_JOBSTATUS']._serialized_end=3508
   _globals['_JOB']._serialized_start=127
-  _globals['_JOB']._serialized_end=540
-  _globals['_CREATEJOBREQUEST']._serialized_start=542
-  _globals['_CREATEJOBREQUEST']._serialized_end=666
-  _globals['_GETJOBREQUEST']._serialized_start=668
-  _globals['_GETJOBREQUEST']._serialized_end=695
-  _globals['_UPDATESTATUSREQUEST']._serialized_start=698
-  _globals['_UPDATESTATUSREQUEST']._serialized_end=882
-  _globals['_CANCELJOBREQUEST']._serialized_start=884
-  _globals['_CANCELJOBREQUEST']._serialized_end=914
-  _globals['_WAITJOBREQUEST']._serialized_start=916
-  _globals['_WAITJOBREQUEST']._serialized_end=988
-  _globals['_LISTJOBSREQUEST']._serialized_start=991
-  _globals['_LISTJOBSREQUEST']._serialized_end=1339
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1341
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1412
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=1414
-  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=1491
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=1493
-  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=1576
-  _globals['_JOBEVENT']._serialized_start=1579
-  _globals['_JOBEVENT']._serialized_end=1730
-  _globals['_STREAMJOBUPDATESREQUEST']._serialized_start=1733
-  _globals['_STREAMJOBUPDATESREQUEST']._serialized_end=1904
-  _globals['_JOBUPDATE']._serialized_start=1907
-  _globals['_JOBUPDATE']._serialized_end=2066
-  _globals['_STREAMSYNCED']._serialized_start=2068
-  _globals['_STREAMSYNCED']._serialized_end=2082
-  _globals['_STREAMHEARTBEAT']._serialized_start=2084
-  _globals['_STREAMHEARTBEAT']._serialized_end=2101
-  _globals['_GETSTATSREQUEST']._serialized_start=2103
-  _globals['_GETSTATSREQUEST']._serialized_end=2163
-  _globals['_JOBSTATS']._serialized_start=2166
-  _globals['_JOBSTATS']._serialized_end=2374
-  _globals['_JOBSERVICE']._serialized_start=2542
-  _globals['_JOBSERVICE']._serialized_end=3098
+  _globals['_JOB']._serialized_end=760
+  _globals['_CREATEJOBREQUEST']._serialized_start=763
+  _globals['_CREATEJOBREQUEST']._serialized_end=1026
+  _globals['_GETJOBREQUEST']._serialized_start=1028
+  _globals['_GETJOBREQUEST']._serialized_end=1055
+  _globals['_UPDATESTATUSREQUEST']._serialized_start=1058
+  _globals['_UPDATESTATUSREQUEST']._serialized_end=1278
+  _globals['_CLAIMJOBSREQUEST']._serialized_start=1281
+  _globals['_CLAIMJOBSREQUEST']._serialized_end=1471
+  _globals['_CLAIMEDJOB']._serialized_start=1473
+  _globals['_CLAIMEDJOB']._serialized_end=1530
+  _globals['_CLAIMJOBSRESPONSE']._serialized_start=1532
+  _globals['_CLAIMJOBSRESPONSE']._serialized_end=1586
+  _globals['_HEARTBEATREQUEST']._serialized_start=1589
+  _globals['_HEARTBEATREQUEST']._serialized_end=1730
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1732
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1832
+  _globals['_CANCELJOBREQUEST']._serialized_start=1834
+  _globals['_CANCELJOBREQUEST']._serialized_end=1864
+  _globals['_WAITJOBREQUEST']._serialized_start=1866
+  _globals['_WAITJOBREQUEST']._serialized_end=1938
+  _globals['_LISTJOBSREQUEST']._serialized_start=1941
+  _globals['_LISTJOBSREQUEST']._serialized_end=2289
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2291
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2362
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_start=2364
+  _globals['_LISTJOBEVENTSREQUEST']._serialized_end=2441
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_start=2443
+  _globals['_LISTJOBEVENTSRESPONSE']._serialized_end=2526
+  _globals['_JOBEVENT']._serialized_start=2529
+  _globals['_JOBEVENT']._serialized_end=2680
+  _globals['_STREAMJOBUPDATESREQUEST']._serialized_start=2683
+  _globals['_STREAMJOBUPDATESREQUEST']._serialized_end=2873
+  _globals['_JOBUPDATE']._serialized_start=2876
+  _globals['_JOBUPDATE']._serialized_end=3035
+  _globals['_STREAMSYNCED']._serialized_start=3037
+  _globals['_STREAMSYNCED']._serialized_end=3051
+  _globals['_STREAMHEARTBEAT']._serialized_start=3053
+  _globals['_STREAMHEARTBEAT']._serialized_end=3070
+  _globals['_GETSTATSREQUEST']._serialized_start=3072
+  _globals['_GETSTATSREQUEST']._serialized_end=3132
+  _globals['_JOBSTATS']._serialized_start=3135
+  _globals['_JOBSTATS']._serialized_end=3343
+  _globals['_JOBSERVICE']._serialized_start=3511
+  _globals['_JOBSERVICE']._serialized_end=4203
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ JOB_STATUS_FAILED: JobStatus
 JOB_STATUS_CANCELLED: JobStatus
 
 class Job(_message.Message):
-    __slots__ = ("id", "user_id", "agent_identifier", "status", "job_data", "result", "error_message", "created_at", "updated_at", "started_at", "completed_at", "version")
+    __slots__ = ("id", "user_id", "agent_identifier", "status", "job_data", "result", "error_message", "created_at", "updated_at", "started_at", "completed_at", "version", "priority", "run_after", "attempt", "max_attempts", "lease_expire_time", "worker_id", "progress")
     ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     AGENT_IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,13 @@ class Job(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    RUN_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     id: str
     user_id: str
     agent_identifier: str
@@ -53,19 +60,34 @@ class Job(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     completed_at: _timestamp_pb2.Timestamp
     version: int
-    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., agent_identifier: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., job_data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+    priority: int
+    run_after: _timestamp_pb2.Timestamp
+    attempt: int
+    max_attempts: int
+    lease_expire_time: _timestamp_pb2.Timestamp
+    worker_id: str
+    progress: _struct_pb2.Value
+    def __init__(self, id: _Optional[str] = ..., user_id: _Optional[str] = ..., agent_identifier: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., job_data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[int] = ..., priority: _Optional[int] = ..., run_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ..., progress: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("agent_identifier", "job_data", "user_id", "request_id")
+    __slots__ = ("agent_identifier", "job_data", "user_id", "request_id", "priority", "run_after", "max_attempts", "initial_backoff")
     AGENT_IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
     JOB_DATA_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    RUN_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_BACKOFF_FIELD_NUMBER: _ClassVar[int]
     agent_identifier: str
     job_data: _struct_pb2.Struct
     user_id: str
     request_id: str
-    def __init__(self, agent_identifier: _Optional[str] = ..., job_data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., user_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    priority: int
+    run_after: _timestamp_pb2.Timestamp
+    max_attempts: int
+    initial_backoff: _duration_pb2.Duration
+    def __init__(self, agent_identifier: _Optional[str] = ..., job_data: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., user_id: _Optional[str] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., run_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ..., initial_backoff: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id",)
@@ -74,18 +96,72 @@ class GetJobRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class UpdateStatusRequest(_message.Message):
-    __slots__ = ("id", "status", "result", "error_message", "expected_version")
+    __slots__ = ("id", "status", "result", "error_message", "expected_version", "lease_id", "no_retry")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    NO_RETRY_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: JobStatus
     result: _struct_pb2.Value
     error_message: str
     expected_version: int
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error_message: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+    lease_id: str
+    no_retry: bool
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[JobStatus, str]] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., error_message: _Optional[str] = ..., expected_version: _Optional[int] = ..., lease_id: _Optional[str] = ..., no_retry: _Optional[bool] = ...) -> None: ...
+
+class ClaimJobsRequest(_message.Message):
+    __slots__ = ("agent_identifier", "max_jobs", "lease_duration", "wait", "worker_id", "user_id")
+    AGENT_IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_DURATION_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_identifier: str
+    max_jobs: int
+    lease_duration: _duration_pb2.Duration
+    wait: _duration_pb2.Duration
+    worker_id: str
+    user_id: str
+    def __init__(self, agent_identifier: _Optional[str] = ..., max_jobs: _Optional[int] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., worker_id: _Optional[str] = ..., user_id: _Optional[str] = ...) -> None: ...
+
+class ClaimedJob(_message.Message):
+    __slots__ = ("job", "lease_id")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    lease_id: str
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., lease_id: _Optional[str] = ...) -> None: ...
+
+class ClaimJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[ClaimedJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[ClaimedJob, _Mapping]]] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("id", "lease_id", "lease_duration", "progress")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_DURATION_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    lease_id: str
+    lease_duration: _duration_pb2.Duration
+    progress: _struct_pb2.Value
+    def __init__(self, id: _Optional[str] = ..., lease_id: _Optional[str] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., progress: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("lease_expire_time", "cancel_requested")
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    lease_expire_time: _timestamp_pb2.Timestamp
+    cancel_requested: bool
+    def __init__(self, lease_expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
 
 class CancelJobRequest(_message.Message):
     __slots__ = ("id",)
@@ -164,20 +240,22 @@ class JobEvent(_message.Message):
     def __init__(self, version: _Optional[int] = ..., status: _Optional[_Union[JobStatus, str]] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error_message: _Optional[str] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class StreamJobUpdatesRequest(_message.Message):
-    __slots__ = ("job_ids", "statuses", "agent_identifier", "user_id", "include_existing", "resume_token")
+    __slots__ = ("job_ids", "statuses", "agent_identifier", "user_id", "include_existing", "resume_token", "worker_id")
     JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     AGENT_IDENTIFIER_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EXISTING_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     job_ids: _containers.RepeatedScalarFieldContainer[str]
     statuses: _containers.RepeatedScalarFieldContainer[JobStatus]
     agent_identifier: str
     user_id: str
     include_existing: bool
     resume_token: str
-    def __init__(self, job_ids: _Optional[_Iterable[str]] = ..., statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., agent_identifier: _Optional[str] = ..., user_id: _Optional[str] = ..., include_existing: _Optional[bool] = ..., resume_token: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, job_ids: _Optional[_Iterable[str]] = ..., statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., agent_identifier: _Optional[str] = ..., user_id: _Optional[str] = ..., include_existing: _Optional[bool] = ..., resume_token: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class JobUpdate(_message.Message):
     __slots__ = ("resume_token", "job", "synced", "heartbeat")

@@ -119,6 +119,16 @@ class JobServiceStub:
                 request_serializer=jobs_dot_v1_dot_jobs__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=jobs_dot_v1_dot_jobs__pb2.JobStats.FromString,
                 _registered_method=True)
+        self.ClaimJobs = channel.unary_unary(
+                '/jobs.v1.JobService/ClaimJobs',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.ClaimJobsRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.ClaimJobsResponse.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/jobs.v1.JobService/Heartbeat',
+                request_serializer=jobs_dot_v1_dot_jobs__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=jobs_dot_v1_dot_jobs__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class JobServiceServicer:
@@ -303,6 +313,32 @@ class JobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClaimJobs(self, request, context):
+        """Workers: takes up to `max_jobs` ready PENDING jobs of one agent, highest `priority`
+        first, then oldest (`run_after`, else `created_at`), each under a new lease. Each
+        becomes RUNNING (`started_at` set on the first claim), `attempt` + 1, with a
+        `lease_expire_time`. A job is never held by two leases at once. With `wait`, a call
+        that finds nothing ready waits for a job to become ready (it is woken by the change,
+        not by polling). Keep a lease with Heartbeat; end it with UpdateStatus naming it. A
+        lease that expires without a heartbeat ends within about a second: the job is retried
+        (attempts left) or FAILED with an error message saying so. Users claim their own
+        jobs; the service role claims anyone's, or one user's with `user_id`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Workers: extends a lease to now + `lease_duration` and stores `progress` when set.
+        A cancelled job answers OK with `cancel_requested` (stop working). A lease that is no
+        longer the job's (expired and taken over, completed, failed, handed back):
+        FAILED_PRECONDITION (reason LEASE_LOST, with the job's `status` and `attempt` in the
+        ErrorInfo metadata). No such job, or one the caller may not see: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +386,16 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=jobs_dot_v1_dot_jobs__pb2.GetStatsRequest.FromString,
                     response_serializer=jobs_dot_v1_dot_jobs__pb2.JobStats.SerializeToString,
+            ),
+            'ClaimJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimJobs,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.ClaimJobsRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.ClaimJobsResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=jobs_dot_v1_dot_jobs__pb2.HeartbeatRequest.FromString,
+                    response_serializer=jobs_dot_v1_dot_jobs__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -635,6 +681,60 @@ class JobService:
             '/jobs.v1.JobService/GetStats',
             jobs_dot_v1_dot_jobs__pb2.GetStatsRequest.SerializeToString,
             jobs_dot_v1_dot_jobs__pb2.JobStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.JobService/ClaimJobs',
+            jobs_dot_v1_dot_jobs__pb2.ClaimJobsRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.ClaimJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobs.v1.JobService/Heartbeat',
+            jobs_dot_v1_dot_jobs__pb2.HeartbeatRequest.SerializeToString,
+            jobs_dot_v1_dot_jobs__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
