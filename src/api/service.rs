@@ -18,7 +18,7 @@ use super::convert;
 use super::state::AppState;
 use crate::db;
 use crate::domain::{
-    Caller, Job, JobStatus, PageCursor, StatusChange, Transition, WatchFilter, transition,
+    Caller, Job, JobStatus, PageCursor, StatusChange, Transition, WatchFilter, job, transition,
 };
 use crate::error::{Error, Result};
 use crate::feed::Subscription;
@@ -126,7 +126,7 @@ impl JobSvc {
                 let job = &row.job;
                 let ours = job.lease_id == Some(lease.lease_id);
                 if !ours || job.status != JobStatus::Running {
-                    if ours && work::made_by_lease(change.target, job.status) {
+                    if ours && job::made_by_lease(change.target, job.status) {
                         // A retry of the move this lease made (its answer was lost).
                         return Ok(row.job);
                     }
@@ -205,7 +205,7 @@ impl pb::job_service_server::JobService for JobSvc {
             let (row, new) = self.state.creates.create(caller, new).await?;
             if row.written {
                 self.committed()?;
-            } else if !work::same_create(&row.job, &new) {
+            } else if !job::same_create(&row.job, &new) {
                 return Err(Error::IdempotencyKeyReused {
                     request_id: new.request_id.clone().unwrap_or_default(),
                 });

@@ -8,36 +8,13 @@ use tokio::time::Instant;
 use super::{JobSvc, wait_for_change};
 use crate::api::convert;
 use crate::db;
-use crate::domain::{Caller, Claim, Job, JobStatus, LeaseMove, NewJob, StatusChange, WatchFilter};
+use crate::domain::{Caller, Claim, Job, JobStatus, LeaseMove, StatusChange, WatchFilter};
 use crate::error::{Error, Result};
 use crate::pb;
 
 /// A waiting claim looks again this often even when nothing woke it: a safety net for a feed
 /// that cannot read the history (it is woken by the change itself otherwise).
 const CLAIM_REREAD_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Whether a job whose lease ended in `status` ended by the move `target` of that lease: a
-/// retry of a move whose answer was lost gets the job unchanged.
-pub(super) fn made_by_lease(target: JobStatus, status: JobStatus) -> bool {
-    match target {
-        // FAILED with attempts left went back to PENDING.
-        JobStatus::Failed => matches!(status, JobStatus::Failed | JobStatus::Pending),
-        other => other == status,
-    }
-}
-
-/// Whether an existing job is the one a repeated CreateJob (same request_id) asks for.
-pub(super) fn same_create(job: &Job, new: &NewJob) -> bool {
-    let backoff_us = job
-        .initial_backoff
-        .map(|i| i.microseconds + (i64::from(i.days) + i64::from(i.months) * 30) * 86_400_000_000);
-    job.agent_identifier == new.agent_identifier
-        && job.job_data.as_ref() == Some(&new.job_data)
-        && job.priority == new.priority
-        && job.run_after == new.run_after
-        && job.max_attempts == new.max_attempts
-        && backoff_us == new.initial_backoff_us
-}
 
 impl JobSvc {
     /// Counts a worker's applied move: a retry (FAILED sent back to PENDING) or a release.
