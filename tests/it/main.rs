@@ -21,3 +21,4 @@ mod stats;
 mod stream;
 mod stream_faults;
 mod sweeper;
+mod workers;
