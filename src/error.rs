@@ -37,8 +37,8 @@ pub enum Error {
     },
     /// A worker's lease is no longer the job's (expired and taken over, or the job ended).
     #[error(
-        "the lease is no longer this job's: the job is {} at attempt {attempt}; stop working on it \
-         (its lease expired and it was retried, or it ended)", .status.as_str()
+        "the lease is no longer this job's (the job is now {} at attempt {attempt}): stop working \
+         on it", .status.as_str()
     )]
     LeaseLost { status: JobStatus, attempt: i32 },
     #[error(

@@ -7,6 +7,7 @@
 //! `--json` prints one object per scenario per line.
 mod cpu;
 mod stream;
+mod work;
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -69,6 +70,9 @@ const SCENARIOS: &[&str] = &[
     "stats",
     "stats-user",
     "mixed",
+    "work",
+    "dispatch",
+    "heartbeat",
     "fanout",
 ];
 
@@ -78,7 +82,10 @@ struct Args {
     /// Scenario name, or `all` (every scenario, fanout last): create, create-idempotent (with
     /// a request_id), create-rls (as a user), update (UpdateStatus alone), lifecycle (create,
     /// running, completed), get, get-rls, list-first, list-deep, stats (GetStats, all jobs),
-    /// stats-user (one user), mixed (60% list, 25% update, 15% create), fanout (the change
+    /// stats-user (one user), mixed (60% list, 25% update, 15% create), work (workers claiming
+    /// and completing 200,000 jobs, beside a pgbench twin), dispatch (create-to-claim latency
+    /// at 100 and 1,000 creates/s), heartbeat (1,000 leases heartbeating: the write path's
+    /// cost), fanout (the change
     /// feed, also called `stream`: write throughput with subscribers, commit-to-subscriber
     /// latency with 1 and 1,000 subscribers, fan-out limit, memory per stream, raw
     /// LISTEN/NOTIFY; its own report). Not in `all`: stream-memory (the fanout report's
@@ -234,6 +241,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         if name == "stream-memory" {
             stream::memory(&env).await?;
             continue;
+        }
+        match name {
+            "work" => {
+                work::work(&args, &env).await?;
+                continue;
+            }
+            "dispatch" => {
+                work::dispatch(&args, &env).await?;
+                continue;
+            }
+            "heartbeat" => {
+                work::heartbeat(&args, &env).await?;
+                continue;
+            }
+            _ => {}
         }
         let o = run_scenario(&args, &mut env, name).await?;
         let pgbench_tps = o.pgbench.as_ref().map(|p| p.tps);

@@ -204,6 +204,7 @@ impl pb::job_service_server::JobService for JobSvc {
             let new = convert::new_job(&caller, request.into_inner(), self.state.limits)?;
             let (row, new) = self.state.creates.create(caller, new).await?;
             if row.written {
+                self.created(&row.job);
                 self.committed()?;
             } else if !job::same_create(&row.job, &new) {
                 return Err(Error::IdempotencyKeyReused {

@@ -12,8 +12,8 @@ use super::tokens::TokenKey;
 use crate::db::PgPool;
 use crate::db::batch::{Beats, Creates, Updates};
 use crate::db::health::DbHealth;
-use crate::feed::Feed;
 use crate::feed::limits::CallerLimits;
+use crate::feed::{Feed, WakeOnce};
 use crate::metrics::Metrics;
 
 /// Everything a call needs, shared by all calls.
@@ -50,6 +50,8 @@ pub struct AppState {
     pub updates: Updates,
     /// Heartbeat's writer: concurrent heartbeats share statements and commits.
     pub beats: Beats,
+    /// Which waiting claim acts on a change (one per change).
+    pub claim_wakes: WakeOnce,
     /// The limit on unary calls working and waiting at once.
     pub admission: Admission,
     /// Flips to true when the server starts shutting down: long calls return early.

@@ -219,6 +219,7 @@ async fn start(
             metrics.clone(),
             retry,
         ),
+        claim_wakes: Default::default(),
         beats: Beats::start(
             pool.clone(),
             batch_workers(args.update_batch_workers, args.pool_size),

@@ -206,7 +206,7 @@ WITH upd AS (
         started_at = CASE WHEN $2 = 'running' THEN now() ELSE started_at END,
         completed_at = CASE WHEN $2 IN ('completed', 'failed', 'cancelled') THEN now() ELSE completed_at END,
         result = CASE WHEN $2 = 'completed' THEN $3 ELSE result END,
-        error_message = CASE WHEN $2 = 'failed' THEN $4 ELSE error_message END,
+        error_message = CASE WHEN $2 = 'failed' THEN $4 WHEN $2 = 'completed' THEN NULL ELSE error_message END,
         lease_id = CASE WHEN $2 = 'running' THEN NULL ELSE lease_id END,
         lease_expires_at = NULL
     WHERE id = $1
@@ -278,7 +278,9 @@ WITH input AS (
                                  AND NOT (i.may_retry AND jobs.attempt < jobs.max_attempts)
                             THEN now() ELSE jobs.completed_at END,
         result = CASE WHEN i.target = 'completed' THEN i.result ELSE jobs.result END,
-        error_message = CASE WHEN i.target = 'failed' THEN i.error_message ELSE jobs.error_message END,
+        error_message = CASE WHEN i.target = 'failed' THEN i.error_message
+                             WHEN i.target = 'completed' THEN NULL
+                             ELSE jobs.error_message END,
         run_after = CASE WHEN i.may_retry AND jobs.attempt < jobs.max_attempts
                          THEN now() + jobs_retry_delay(jobs.attempt,
                                           coalesce(jobs.initial_backoff, $10 * interval '1 microsecond'),

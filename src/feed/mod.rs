@@ -24,6 +24,7 @@
 //! - [`reader`]: the one reader of the history.
 //! - [`wake`]: wake-ups between replicas (LISTEN/NOTIFY).
 //! - [`follow`]: one StreamJobUpdates stream's task: snapshot, catch-up, live, heartbeats.
+//! - [`once`]: one waiting claim per change, not all of them.
 //!
 //! May import: [`crate::domain`], [`crate::error`], [`crate::db`], [`crate::metrics`]. Never
 //! the API layer: what a stream sends leaves here as domain values ([`follow::Delivery`]).
@@ -42,11 +43,13 @@ mod event;
 pub(crate) mod follow;
 mod hub;
 pub(crate) mod limits;
+mod once;
 mod reader;
 mod registry;
 mod wake;
 
 pub(crate) use hub::Feed;
+pub(crate) use once::WakeOnce;
 pub(crate) use registry::Subscription;
 pub use wake::{CHANNEL, LISTENER_NAME};
 

@@ -1,5 +1,5 @@
-//! The product from outside Rust: the Python and Node.js example programs and the README's
-//! grpcurl walk-through, run against a live server. Each exits non-zero on any wrong answer.
+//! The product from outside Rust: the Python and Node.js example programs and workers, and the
+//! README's grpcurl walk-throughs, run against a live server. Each exits non-zero on any wrong answer.
 //! Their packages (the venv in `target/clients-venv`, node_modules) come from
 //! `scripts/test-deps`, which `deps::ensure` runs first.
 use std::path::{Path, PathBuf};
@@ -55,6 +55,20 @@ async fn the_python_example_runs_green() {
 #[tokio::test]
 async fn the_node_example_runs_green() {
     run("node", &["clients/node/example.js"]).await;
+}
+
+#[tokio::test]
+async fn the_python_worker_runs_green() {
+    run(
+        "target/clients-venv/bin/python",
+        &["clients/python/worker.py"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_node_worker_runs_green() {
+    run("node", &["clients/node/worker.js"]).await;
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::time::Instant;
 
-use super::{JobSvc, wait_for_change};
+use super::JobSvc;
 use crate::api::convert;
 use crate::db;
 use crate::domain::{Caller, Claim, Job, JobStatus, LeaseMove, StatusChange, WatchFilter};
@@ -21,9 +21,22 @@ impl JobSvc {
     pub(super) fn count_worker_move(&self, change: &StatusChange, _lease: LeaseMove, job: &Job) {
         if job.status == JobStatus::Pending {
             match change.target {
-                JobStatus::Pending => self.state.metrics.releases.inc(),
-                _ => self.state.metrics.retries.inc(),
-            };
+                JobStatus::Pending => {
+                    self.state.metrics.releases.inc();
+                    // Handed back, ready at once: a waiting claim here takes it now.
+                    self.state.claim_wakes.ready(job);
+                }
+                _ => {
+                    self.state.metrics.retries.inc();
+                }
+            }
+        }
+    }
+
+    /// A job this server created: a waiting claim here takes it now, if it is ready.
+    pub(super) fn created(&self, job: &Job) {
+        if job.run_after.is_none_or(|t| t <= Utc::now()) {
+            self.state.claim_wakes.ready(job);
         }
     }
 
@@ -73,6 +86,7 @@ impl JobSvc {
             user: claim.user,
             ..Default::default()
         });
+        let lane = self.state.claim_wakes.lane(&claim.agent_identifier);
         let mut shutdown = self.state.shutdown.clone();
         loop {
             let jobs = self.claim_once(&caller, &claim).await?;
@@ -98,10 +112,20 @@ impl JobSvc {
                 .min(deadline)
                 .min(expires)
                 .min(timer);
-            tokio::select! {
-                _ = wait_for_change(&mut changes) => {}
-                _ = tokio::time::sleep_until(wake) => {}
-                _ = shutdown.changed() => {}
+            // Woken by a matching change that no other waiting claim of this server took
+            // (one waiter per ready job, not all of them), by the timer, or by shutdown.
+            loop {
+                tokio::select! {
+                    event = changes.recv() => match event {
+                        Some(event) if self.state.claim_wakes.first(&event) => break,
+                        Some(_) => continue,
+                        None => tokio::time::sleep_until(wake).await,
+                    },
+                    _ = lane.notified() => break,
+                    _ = tokio::time::sleep_until(wake) => break,
+                    _ = shutdown.changed() => break,
+                }
+                break;
             }
         }
     }
