@@ -15,13 +15,18 @@ use crate::domain::Job;
 /// delivery and its waiters' reading it.
 const REMEMBERED: usize = 1 << 16;
 
+/// A change: a job and its version.
+type Change = (Uuid, i64);
+/// The changes remembered, as a set and in their order (the oldest leaves first).
+type Seen = (HashSet<Change>, VecDeque<Change>);
+
 /// Lanes kept before the unused ones are dropped.
 const LANES: usize = 1024;
 
 #[derive(Default)]
 pub struct WakeOnce {
     /// Changes already acted on: (job, version).
-    seen: Mutex<(HashSet<(Uuid, i64)>, VecDeque<(Uuid, i64)>)>,
+    seen: Mutex<Seen>,
     /// Per agent: wakes one waiting claim of this server when a job of the agent becomes
     /// ready through this server (a create, a hand-back), before the feed has read it.
     lanes: Mutex<HashMap<String, Arc<Notify>>>,
