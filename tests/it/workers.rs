@@ -682,7 +682,7 @@ async fn failures_retry_with_backoff_releases_are_free_and_heartbeats_are_not_ch
         .unwrap()
         .into_inner();
     let new_expiry = beat.lease_expire_time.unwrap();
-    assert!(new_expiry.seconds >= claimed.lease_expire_time.clone().unwrap().seconds + 80);
+    assert!(new_expiry.seconds >= claimed.lease_expire_time.unwrap().seconds + 80);
     let now_job = c
         .get_job(pb::GetJobRequest {
             id: made.id.clone(),
@@ -731,12 +731,12 @@ async fn failures_retry_with_backoff_releases_are_free_and_heartbeats_are_not_ch
     assert_eq!(status_of(&back), S::Pending);
     assert_eq!(back.error_message, "flaky upstream");
     assert!(back.lease_expire_time.is_none() && back.completed_at.is_none());
-    let run_after = back.run_after.clone().expect("a retry has a run_after");
+    let run_after = back.run_after.expect("a retry has a run_after");
     let delay = chrono::DateTime::from_timestamp(run_after.seconds, run_after.nanos as u32)
         .unwrap()
         - chrono::DateTime::from_timestamp(
-            back.updated_at.clone().unwrap().seconds,
-            back.updated_at.clone().unwrap().nanos as u32,
+            back.updated_at.unwrap().seconds,
+            back.updated_at.unwrap().nanos as u32,
         )
         .unwrap();
     assert!(
