@@ -73,6 +73,9 @@ impl JobSvc {
             jobs: jobs.into_iter().map(convert::claimed_to_pb).collect(),
         };
         if wait.is_zero() {
+            // An immediate claim is a unary call like any other: it takes an admission place
+            // (a waiting one is held to the caller's waits instead).
+            let _permit = self.state.admission.enter().await?;
             return Ok(answer(self.claim_once(&caller, &claim).await?));
         }
         let now = Instant::now();
