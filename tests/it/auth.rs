@@ -691,20 +691,7 @@ async fn supabase_shaped_tokens_audience_issuer_and_anonymous_users() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.jobs.len(), 1);
-    let mut stream = c
-        .stream_job_updates(pb::StreamJobUpdatesRequest {
-            include_existing: true,
-            ..Default::default()
-        })
-        .await
-        .expect("and streams")
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(matches!(first.event, Some(pb::job_update::Event::Job(j)) if j.id == made.id));
+    assert_eq!(harness::first_existing(&mut c).await.id, made.id);
 
     // Supabase's legacy service key: iss "supabase", no aud, no sub.
     let legacy = sign(

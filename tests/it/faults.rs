@@ -22,7 +22,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use uuid::Uuid;
 
 use crate::harness::{
-    self, Client, TestServer, eventually, fresh_database, new_cluster, new_durable_cluster,
+    self, Client, TestServer, eventually, fresh_database, health, new_cluster, new_durable_cluster,
     shared_pg, update,
 };
 use crate::proxy::{FaultProxy, Mode};
@@ -38,20 +38,6 @@ const USERS: usize = 3;
 
 fn client(addr: SocketAddr, token: &str) -> Client {
     harness::client_on(harness::lazy_channel(addr), token)
-}
-
-async fn health(addr: SocketAddr) -> Option<ServingStatus> {
-    let mut h = tonic_health::pb::health_client::HealthClient::new(harness::lazy_channel(addr));
-    let r = timeout(
-        Duration::from_secs(2),
-        h.check(tonic_health::pb::HealthCheckRequest {
-            service: "jobs.v1.JobService".into(),
-        }),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    ServingStatus::try_from(r.into_inner().status).ok()
 }
 
 async fn await_health(addr: SocketAddr, want: ServingStatus, within: Duration) {

@@ -358,3 +358,41 @@ pub fn rss_kb(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap()
 }
+
+/// The health service's answer for jobs.v1.JobService (None: no answer within 2 s).
+pub async fn health(
+    addr: SocketAddr,
+) -> Option<tonic_health::pb::health_check_response::ServingStatus> {
+    let mut h = tonic_health::pb::health_client::HealthClient::new(lazy_channel(addr));
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        h.check(tonic_health::pb::HealthCheckRequest {
+            service: "jobs.v1.JobService".into(),
+        }),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    tonic_health::pb::health_check_response::ServingStatus::try_from(r.into_inner().status).ok()
+}
+
+/// The first job a stream with `include_existing` sends (within 10 s).
+pub async fn first_existing(c: &mut Client) -> jobsvc::pb::Job {
+    let mut stream = c
+        .stream_job_updates(jobsvc::pb::StreamJobUpdatesRequest {
+            include_existing: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("a first message within 10 s")
+        .expect("the stream is healthy")
+        .expect("the stream is open");
+    match first.event {
+        Some(jobsvc::pb::job_update::Event::Job(job)) => job,
+        other => panic!("the first message is not an existing job: {other:?}"),
+    }
+}

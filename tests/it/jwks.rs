@@ -15,7 +15,7 @@ use tonic::service::Interceptor;
 use tonic_health::pb::health_check_response::ServingStatus;
 use uuid::Uuid;
 
-use crate::harness::{self, TestServer, assert_err, eventually};
+use crate::harness::{self, TestServer, assert_err, eventually, health};
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
@@ -146,20 +146,6 @@ impl JwksServer {
     }
 }
 
-async fn health(addr: SocketAddr) -> Option<ServingStatus> {
-    let mut h = tonic_health::pb::health_client::HealthClient::new(harness::lazy_channel(addr));
-    let r = tokio::time::timeout(
-        Duration::from_secs(2),
-        h.check(tonic_health::pb::HealthCheckRequest {
-            service: "jobs.v1.JobService".into(),
-        }),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    ServingStatus::try_from(r.into_inner().status).ok()
-}
-
 /// ES256, RS256 and EdDSA tokens verify by their kid; every kind of forgery and mismatch is
 /// refused with UNAUTHENTICATED and its reason; a Supabase user token works end to end; a
 /// file's new key is taken without a restart.
@@ -212,20 +198,7 @@ async fn asymmetric_tokens_verify_by_kid_and_forgeries_are_refused() {
         .into_inner();
     assert_eq!(made.user_id, user.to_string());
     assert_eq!(list(&server, &token).await.unwrap(), 1);
-    let mut stream = client
-        .stream_job_updates(pb::StreamJobUpdatesRequest {
-            include_existing: true,
-            ..Default::default()
-        })
-        .await
-        .expect("and streams")
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(matches!(first.event, Some(pb::job_update::Event::Job(j)) if j.id == made.id));
+    assert_eq!(harness::first_existing(&mut client).await.id, made.id);
 
     // Forgeries and mismatches.
     let b64 = |v: serde_json::Value| {
