@@ -8,6 +8,9 @@
 JOBSVC_TOKEN is what `jobsvc token --role service_role` prints (or the `export TOKEN=...` line
 the server prints at start). Every answer is checked: any surprise ends the program with exit
 status 1 and a message naming the step. Each call and each wait has a timeout.
+
+The plumbing it shares with worker.py (the stub and its bearer token, ErrorInfo, Struct / Value)
+is in jobsvc_client.py; UpdateStream below reads a stream.
 """
 
 import os
@@ -17,53 +20,15 @@ import threading
 import uuid
 
 import grpc
-from google.protobuf import duration_pb2, json_format, struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from google.protobuf import duration_pb2
 
-from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from jobs.v1 import jobs_pb2
+from jobsvc_client import CALL_TIMEOUT, S, as_json, connect, error_info, value
 
-CALL_TIMEOUT = 5.0  # seconds, every unary call
 STREAM_WAIT = 10.0  # seconds, the longest wait for one stream message
-S = jobs_pb2.JobStatus  # S.JOB_STATUS_RUNNING, S.Name(value) -> "JOB_STATUS_RUNNING"
 
 
-# --- plumbing a service would keep ---------------------------------------------------------
-
-
-class BearerAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Adds `authorization: Bearer <JWT>` to every call of the channel."""
-
-    def __init__(self, token):
-        self._metadata = (("authorization", f"Bearer {token}"),)
-
-    def _with_token(self, details):
-        metadata = tuple(details.metadata or ()) + self._metadata
-        return details._replace(metadata=metadata)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._with_token(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._with_token(details), request)
-
-
-def connect(addr, token):
-    """A JobService stub on its own channel. Plaintext here; behind TLS use
-    grpc.secure_channel(addr, grpc.ssl_channel_credentials()) with the same interceptor."""
-    channel = grpc.intercept_channel(grpc.insecure_channel(addr), BearerAuth(token))
-    return channel, jobs_pb2_grpc.JobServiceStub(channel)
-
-
-def error_info(err):
-    """The google.rpc.ErrorInfo of a failed call (from grpc-status-details-bin), or None."""
-    status = rpc_status.from_call(err)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
+# --- plumbing a service would keep (with jobsvc_client.py) --------------------------------
 
 
 class UpdateStream:
@@ -140,16 +105,6 @@ def counts(stats):
         stats.failed,
         stats.cancelled,
     )
-
-
-def as_json(message):
-    """A Struct or Value as plain Python data."""
-    return json_format.MessageToDict(message)
-
-
-def value(data):
-    """Plain Python data as a google.protobuf.Value."""
-    return json_format.ParseDict(data, struct_pb2.Value())
 
 
 current_step = "start"

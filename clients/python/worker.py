@@ -13,6 +13,9 @@ worker (its lease is lost), and one handed back when the worker stops. JOBSVC_TO
 `jobsvc token --role service_role` prints (or the `export TOKEN=...` line the server prints at
 start). Every answer is checked: any surprise ends the program with exit status 1 and a message
 naming the step. Each call and each wait has a timeout.
+
+The plumbing it shares with example.py (the stub and its bearer token, ErrorInfo, Duration,
+Struct / Value) is in jobsvc_client.py: `Worker` needs it too.
 """
 
 import os
@@ -22,46 +25,14 @@ import time
 import uuid
 
 import grpc
-from google.protobuf import duration_pb2, json_format, struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+from google.protobuf import duration_pb2
 
-from jobs.v1 import jobs_pb2, jobs_pb2_grpc
-
-CALL_TIMEOUT = 5.0  # seconds, every unary call (a waiting ClaimJobs gets its `wait` on top)
-S = jobs_pb2.JobStatus  # S.JOB_STATUS_RUNNING, S.Name(value) -> "JOB_STATUS_RUNNING"
+from jobs.v1 import jobs_pb2
+# CALL_TIMEOUT: seconds, every unary call (a waiting ClaimJobs gets its `wait` on top).
+from jobsvc_client import CALL_TIMEOUT, S, as_json, connect, duration, error_info, value
 
 
-# --- plumbing a service would keep ---------------------------------------------------------
-
-
-class BearerAuth(grpc.UnaryUnaryClientInterceptor):
-    """Adds `authorization: Bearer <JWT>` to every call of the channel."""
-
-    def __init__(self, token):
-        self._metadata = (("authorization", f"Bearer {token}"),)
-
-    def intercept_unary_unary(self, continuation, details, request):
-        metadata = tuple(details.metadata or ()) + self._metadata
-        return continuation(details._replace(metadata=metadata), request)
-
-
-def connect(addr, token):
-    """A JobService stub on its own channel. Plaintext here; behind TLS use
-    grpc.secure_channel(addr, grpc.ssl_channel_credentials()) with the same interceptor."""
-    channel = grpc.intercept_channel(grpc.insecure_channel(addr), BearerAuth(token))
-    return channel, jobs_pb2_grpc.JobServiceStub(channel)
-
-
-def error_info(err):
-    """The google.rpc.ErrorInfo of a failed call (from grpc-status-details-bin), or None."""
-    status = rpc_status.from_call(err)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    return None
+# --- plumbing a service would keep (with jobsvc_client.py) --------------------------------
 
 
 def lease_lost(err):
@@ -70,22 +41,6 @@ def lease_lost(err):
         return False
     info = error_info(err)
     return info is not None and info.reason == "LEASE_LOST"
-
-
-def duration(seconds):
-    """Seconds (a float) as a google.protobuf.Duration."""
-    whole = int(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
-
-
-def as_json(message):
-    """A Struct or Value as plain Python data."""
-    return json_format.MessageToDict(message)
-
-
-def value(data):
-    """Plain Python data as a google.protobuf.Value."""
-    return json_format.ParseDict(data, struct_pb2.Value())
 
 
 # Worth another try later: the server or the network is briefly unable to answer.
