@@ -219,6 +219,16 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub job_limits: JobLimitArgs,
 
+    /// A browser origin (scheme://host[:port]) allowed to call over gRPC-Web from another
+    /// origin (repeatable; comma-separated in the environment). None by default: gRPC-Web from
+    /// the same origin, and every non-browser client, need none.
+    #[arg(
+        long = "cors-allow-origin",
+        env = "JOBSVC_CORS_ALLOW_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origins: Vec<String>,
+
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "JOBSVC_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,

@@ -271,7 +271,16 @@ async fn start(
         state.shutdown.clone(),
     ));
     tracing::info!(addr = %listener.local_addr()?, "jobsvc listening");
+    let cors_origins = args
+        .cors_allow_origins
+        .iter()
+        .map(|o| {
+            http::HeaderValue::from_str(o.trim_end_matches('/'))
+                .map_err(|_| format!("--cors-allow-origin {o:?} is not a valid origin"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let limits = Limits {
+        cors_origins,
         max_message_bytes: args.max_message_bytes,
         max_concurrent_streams: args.max_concurrent_streams,
         keepalive_interval: args.keepalive_interval,

@@ -7,6 +7,7 @@ mod clients;
 mod deps;
 mod faults;
 mod foundation;
+mod grpc_web;
 mod h2raw;
 mod harness;
 mod jwks;
