@@ -71,6 +71,16 @@ async fn the_node_worker_runs_green() {
     run("node", &["clients/node/worker.js"]).await;
 }
 
+/// The browser client (`clients/web`, TypeScript over gRPC-Web) calls every RPC once.
+#[tokio::test]
+async fn the_web_client_calls_every_rpc_over_grpc_web() {
+    run(
+        "npm",
+        &["--prefix", "clients/web", "run", "--silent", "smoke"],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn the_readme_grpcurl_walkthrough_runs_green() {
     run("scripts/walkthrough", &[]).await;
