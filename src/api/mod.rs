@@ -10,7 +10,8 @@
 //! - [`auth`]: bearer JWT to [`crate::domain::Caller`]. [`tokens`]: signed page and resume
 //!   tokens. [`admission`]: load shedding. [`codec`]: undecodable requests answered as
 //!   INVALID_ARGUMENT. [`status`]: the one mapping from [`crate::error::Error`] to a status.
-//!   [`fault`]: the test hook that loses responses after commit.
+//!   [`fault`]: the test hook that loses responses after commit. [`ui`]: the dashboard's
+//!   files, served at `/`.
 //!
 //! May import: everything below it ([`crate::domain`], [`crate::error`], [`crate::db`],
 //! [`crate::feed`], [`crate::metrics`], [`crate::pb`]); nothing imports it but the app.
@@ -26,3 +27,4 @@ pub(crate) mod service;
 pub(crate) mod state;
 pub(crate) mod status;
 pub mod tokens;
+pub(crate) mod ui;

@@ -29,6 +29,8 @@ pub struct Limits {
     pub tls: Option<tonic::transport::Identity>,
     /// Browser origins allowed to call (gRPC-Web with CORS); none by default.
     pub cors_origins: Vec<http::HeaderValue>,
+    /// Serve the dashboard at `/`.
+    pub ui: bool,
 }
 
 impl Limits {
@@ -97,6 +99,7 @@ pub async fn run(
         .http2_max_header_list_size(Limits::MAX_HEADER_LIST_BYTES)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .layer(super::ui::UiLayer { enabled: limits.ui })
         .layer(cors(&limits.cors_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(tower::util::MapResponseLayer::new(move |r| {

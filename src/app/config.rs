@@ -229,6 +229,10 @@ pub struct ServeArgs {
     )]
     pub cors_allow_origins: Vec<String>,
 
+    /// Do not serve the dashboard at `/` (it is served by default, on the gRPC port).
+    #[arg(long, env = "JOBSVC_NO_UI")]
+    pub no_ui: bool,
+
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "JOBSVC_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     pub max_message_bytes: usize,

@@ -281,6 +281,7 @@ async fn start(
         .collect::<Result<Vec<_>, _>>()?;
     let limits = Limits {
         cors_origins,
+        ui: !args.no_ui,
         max_message_bytes: args.max_message_bytes,
         max_concurrent_streams: args.max_concurrent_streams,
         keepalive_interval: args.keepalive_interval,

@@ -125,13 +125,28 @@ impl TestServer {
 
     /// A server whose current JWT secret is `secret` (for rotations).
     pub async fn start_with_secret(db_url: &str, secret: &str, extra: &[&str]) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_listening(db_url, secret, listener, extra).await
+    }
+
+    /// A server on `addr` (a restart where clients look for the last one).
+    pub async fn start_at(db_url: &str, addr: SocketAddr, extra: &[&str]) -> Self {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        Self::start_listening(db_url, SECRET, listener, extra).await
+    }
+
+    async fn start_listening(
+        db_url: &str,
+        secret: &str,
+        listener: TcpListener,
+        extra: &[&str],
+    ) -> Self {
         let mut argv = vec!["jobsvc", "--database-url", db_url, "--jwt-secret", secret];
         if !extra.contains(&"--pool-size") {
             argv.extend(["--pool-size", "8"]);
         }
         argv.extend_from_slice(extra);
         let args = ServeArgs::parse_args(argv).expect("test serve arguments");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let url = db_url.to_owned();

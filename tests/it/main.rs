@@ -4,6 +4,7 @@ mod auth;
 mod bad_input;
 mod batching;
 mod clients;
+mod dashboard;
 mod deps;
 mod faults;
 mod foundation;
