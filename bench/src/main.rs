@@ -6,6 +6,7 @@
 //! pgbench on the same database with the same concurrency and prints the ratio.
 //! `--json` prints one object per scenario per line.
 mod cpu;
+mod h2load;
 mod stream;
 mod work;
 
@@ -20,6 +21,7 @@ use jobsvc::app::config::ServeArgs;
 use jobsvc::app::embedded_pg::{EmbeddedPg, PgOptions};
 use jobsvc::pb;
 use jobsvc::pb::job_service_client::JobServiceClient;
+use prost::Message;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
@@ -136,6 +138,11 @@ struct Args {
     /// The server's --verified-token-cache (0: every call verifies its token: the cold case).
     #[arg(long)]
     verified_token_cache: Option<usize>,
+    /// The callers of the unary scenarios (create, get, get-rls, list-first, list-deep,
+    /// stats-user): this bench's Rust client, or nghttp2's h2load (`apt-get install
+    /// nghttp2-client`), which replays one encoded request and leaves the CPU to the server.
+    #[arg(long, default_value = "rust", value_parser = ["rust", "h2load"])]
+    client: String,
 }
 
 /// Turns off the stats rollup triggers (`--without-rollups`).
@@ -592,6 +599,24 @@ async fn client(addr: std::net::SocketAddr, role: &str, sub: Option<Uuid>) -> Cl
     JobServiceClient::with_interceptor(channel, Auth(format!("Bearer {token}").parse().unwrap()))
 }
 
+/// Jobs of `agent` (to check that a create run made the rows it counted).
+async fn count_agent(
+    env: &Env,
+    agent: &str,
+) -> Result<i64, Box<dyn std::error::Error + Send + Sync>> {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut conn = jobsvc::db::connect(&env.url).await?;
+    let n: N = diesel::sql_query("SELECT count(*) AS n FROM jobs WHERE agent_identifier = $1")
+        .bind::<diesel::sql_types::Text, _>(agent)
+        .get_result(&mut conn)
+        .await?;
+    Ok(n.n)
+}
+
 /// One CreateJob with a ~300-byte job_data (and `request_id`, if not empty).
 async fn create_call(mut c: Client, agent: String, request_id: String) -> bool {
     c.create_job(pb::CreateJobRequest {
@@ -810,11 +835,38 @@ async fn run_scenario(
     let mut outcome;
     match name {
         "create" | "create-rls" => {
-            let c = clients.clone();
-            outcome = drive(args, move |w, _| {
-                create_call(c[w].clone(), "bench".into(), String::new())
-            })
-            .await;
+            if args.client == "h2load" {
+                let token = match name {
+                    "create" => caller_token("service_role", None),
+                    _ => caller_token("authenticated", Some(user(1))),
+                };
+                let req = pb::CreateJobRequest {
+                    agent_identifier: "bench-h2load".into(),
+                    job_data: Some(jobsvc::api::convert::json_to_struct(
+                        serde_json::json!({"kind": "k1", "priority": 3, "payload": "x".repeat(250)}),
+                    )),
+                    ..Default::default()
+                };
+                let before = count_agent(env, "bench-h2load").await?;
+                let run =
+                    h2load::run(args, addr, "CreateJob", &token, &req.encode_to_vec(), 100.0)?;
+                let made = count_agent(env, "bench-h2load").await? - before;
+                // Every counted reply is a row (h2load counts warm-up replies too, not in `succeeded`).
+                if made < run.succeeded as i64 {
+                    return Err(format!(
+                        "h2load counted {} creates but {made} rows were made",
+                        run.succeeded
+                    )
+                    .into());
+                }
+                outcome = run.outcome();
+            } else {
+                let c = clients.clone();
+                outcome = drive(args, move |w, _| {
+                    create_call(c[w].clone(), "bench".into(), String::new())
+                })
+                .await;
+            }
             outcome.pgbench = pgbench(env, args, PGBENCH_INSERT);
         }
         "create-idempotent" => {
@@ -916,14 +968,24 @@ async fn run_scenario(
                 ids.push(c.create_job(req).await?.into_inner().id);
             }
             let ids = Arc::new(ids);
-            let c = clients.clone();
-            let shared = ids.clone();
-            outcome = drive(args, move |w, _| {
-                let mut c = c[w].clone();
-                let id = shared[w].clone();
-                async move { c.get_job(pb::GetJobRequest { id }).await.is_ok() }
-            })
-            .await;
+            if args.client == "h2load" {
+                let token = match name {
+                    "get" => caller_token("service_role", None),
+                    _ => caller_token("authenticated", Some(user(1))),
+                };
+                let req = pb::GetJobRequest { id: ids[0].clone() };
+                outcome = h2load::run(args, addr, "GetJob", &token, &req.encode_to_vec(), 100.0)?
+                    .outcome();
+            } else {
+                let c = clients.clone();
+                let shared = ids.clone();
+                outcome = drive(args, move |w, _| {
+                    let mut c = c[w].clone();
+                    let id = shared[w].clone();
+                    async move { c.get_job(pb::GetJobRequest { id }).await.is_ok() }
+                })
+                .await;
+            }
             let script = format!("SELECT * FROM jobs WHERE id = '{}';\n", ids[0]);
             outcome.pgbench = pgbench(env, args, &script);
         }
@@ -947,21 +1009,34 @@ async fn run_scenario(
                 HashMap::new()
             };
             let deep = Arc::new(deep);
-            let c = clients.clone();
-            outcome = drive(args, move |w, _| {
-                let mut c = c[w].clone();
-                let page_token = deep.get(&w).cloned().unwrap_or_default();
-                async move {
-                    c.list_jobs(pb::ListJobsRequest {
-                        page_size: 50,
-                        page_token,
-                        ..Default::default()
-                    })
-                    .await
-                    .is_ok()
-                }
-            })
-            .await;
+            if args.client == "h2load" {
+                // Caller 0's user, and its page.
+                let token = caller_token("authenticated", Some(user(1)));
+                let req = pb::ListJobsRequest {
+                    page_size: 50,
+                    page_token: deep.get(&0).cloned().unwrap_or_default(),
+                    ..Default::default()
+                };
+                outcome =
+                    h2load::run(args, addr, "ListJobs", &token, &req.encode_to_vec(), 5000.0)?
+                        .outcome();
+            } else {
+                let c = clients.clone();
+                outcome = drive(args, move |w, _| {
+                    let mut c = c[w].clone();
+                    let page_token = deep.get(&w).cloned().unwrap_or_default();
+                    async move {
+                        c.list_jobs(pb::ListJobsRequest {
+                            page_size: 50,
+                            page_token,
+                            ..Default::default()
+                        })
+                        .await
+                        .is_ok()
+                    }
+                })
+                .await;
+            }
             // Jobs are spread evenly over 90 days, so half-way down is 45 days ago.
             let keyset = if name == "list-deep" {
                 "AND (created_at, id) < (now() - interval '45 days', 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid) "
@@ -976,12 +1051,22 @@ async fn run_scenario(
         }
         "stats" | "stats-user" => {
             load(env, args.jobs).await?;
-            let c = clients.clone();
-            outcome = drive(args, move |w, _| {
-                let mut c = c[w].clone();
-                async move { c.get_stats(pb::GetStatsRequest::default()).await.is_ok() }
-            })
-            .await;
+            if args.client == "h2load" {
+                let token = match name {
+                    "stats" => caller_token("service_role", None),
+                    _ => caller_token("authenticated", Some(user(1))),
+                };
+                let req = pb::GetStatsRequest::default();
+                outcome = h2load::run(args, addr, "GetStats", &token, &req.encode_to_vec(), 10.0)?
+                    .outcome();
+            } else {
+                let c = clients.clone();
+                outcome = drive(args, move |w, _| {
+                    let mut c = c[w].clone();
+                    async move { c.get_stats(pb::GetStatsRequest::default()).await.is_ok() }
+                })
+                .await;
+            }
             // The same figures the plain way: the origin's job_stats view (an aggregate over
             // jobs) for all jobs, get_job_stats(user) for one user.
             let script = if name == "stats" {
