@@ -939,3 +939,76 @@ async fn bad_worker_input_gets_its_code_and_reason() {
     );
     server.stop().await;
 }
+
+/// A stream filtered by `worker_id` carries the changes of the jobs that worker claimed last,
+/// and no other worker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_follows_one_workers_jobs() {
+    let server = TestServer::start().await;
+    let mut c = server.service().await;
+    let mut stream = c
+        .stream_job_updates(pb::StreamJobUpdatesRequest {
+            worker_id: "w1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let synced = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        synced.event,
+        Some(pb::job_update::Event::Synced(_))
+    ));
+    c.create_job(harness::create("followed")).await.unwrap();
+    c.create_job(harness::create("followed")).await.unwrap();
+    let other = claim(&mut c, claim_req("followed", 1, 30.0, 0.0, "w2"))
+        .await
+        .remove(0);
+    let mine = claim(&mut c, claim_req("followed", 1, 30.0, 0.0, "w1"))
+        .await
+        .remove(0);
+    let update = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match update.event {
+        Some(pb::job_update::Event::Job(job)) => {
+            assert_eq!(job.id, mine.job.as_ref().unwrap().id);
+            assert_eq!(job.worker_id, "w1");
+        }
+        other => panic!("expected w1's claim, got {other:?}"),
+    }
+    // w2's job moves; w1's stream stays quiet until w1's job moves.
+    c.update_status(finish(
+        &other.job.as_ref().unwrap().id,
+        &other.lease_id,
+        S::Completed,
+    ))
+    .await
+    .unwrap();
+    c.update_status(finish(
+        &mine.job.as_ref().unwrap().id,
+        &mine.lease_id,
+        S::Completed,
+    ))
+    .await
+    .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    match next.event {
+        Some(pb::job_update::Event::Job(job)) => {
+            assert_eq!(job.id, mine.job.as_ref().unwrap().id);
+            assert_eq!(job.status, S::Completed as i32);
+        }
+        other => panic!("expected w1's completion, got {other:?}"),
+    }
+    server.stop().await;
+}
