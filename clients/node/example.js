@@ -17,6 +17,7 @@ const { isDeepStrictEqual } = require("node:util");
 const grpc = require("@grpc/grpc-js");
 const { call, connect, errorInfo } = require("./jobsvc");
 const { fromStruct, fromValue, toStruct, toValue } = require("./jobsvc");
+const { Failure, check, run, step } = require("./checks");
 
 const STREAM_WAIT_MS = 10000; // the longest wait for one stream message
 
@@ -67,11 +68,6 @@ class UpdateStream {
 
 // --- checks -------------------------------------------------------------------------------
 
-class Failure extends Error {}
-
-function check(condition, message) {
-  if (!condition) throw new Failure(message);
-}
 
 function expectJob(job, { id, status, version }) {
   check(job.id === id, `job id is ${JSON.stringify(job.id)}, expected ${id}`);
@@ -81,11 +77,6 @@ function expectJob(job, { id, status, version }) {
   );
 }
 
-let currentStep = "start";
-function step(name) {
-  currentStep = name;
-  console.log(`==> ${name}`);
-}
 
 // --- the scenario -------------------------------------------------------------------------
 
@@ -249,17 +240,4 @@ async function main() {
   console.log("OK: every answer was as expected");
 }
 
-main().catch((err) => {
-  if (err instanceof Failure) {
-    console.error(`FAILED at step '${currentStep}': ${err.message}`);
-  } else if (typeof err.code === "number") {
-    const info = errorInfo(err);
-    const reason = info ? ` (reason ${info.reason})` : "";
-    console.error(
-      `FAILED at step '${currentStep}': ${grpc.status[err.code]}${reason}: ${err.details}`,
-    );
-  } else {
-    console.error(`FAILED at step '${currentStep}':`, err);
-  }
-  process.exit(1);
-});
+run(main);

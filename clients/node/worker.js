@@ -23,6 +23,7 @@ const grpc = require("@grpc/grpc-js");
 // CALL_TIMEOUT_MS: every unary call (a waiting ClaimJobs gets its `wait` on top).
 const { CALL_TIMEOUT_MS, call, connect, duration, errorInfo } = require("./jobsvc");
 const { fromStruct, fromValue, toStruct, toValue } = require("./jobsvc");
+const { Failure, check, run, step } = require("./checks");
 
 // --- plumbing a service would keep (with jobsvc.js) ---------------------------------------
 
@@ -311,20 +312,6 @@ class Worker {
   }
 }
 
-// --- checks -------------------------------------------------------------------------------
-
-class Failure extends Error {}
-
-function check(condition, message) {
-  if (!condition) throw new Failure(message);
-}
-
-let currentStep = "start";
-function step(name) {
-  currentStep = name;
-  console.log(`==> ${name}`);
-}
-
 // A flag to wait for with a timeout: set by a handler, awaited by the scenario.
 class Flag {
   constructor() {
@@ -588,17 +575,4 @@ async function main() {
   console.log("OK: every answer was as expected");
 }
 
-main().catch((err) => {
-  if (err instanceof Failure) {
-    console.error(`FAILED at step '${currentStep}': ${err.message}`);
-  } else if (typeof err.code === "number") {
-    const info = errorInfo(err);
-    const reason = info ? ` (reason ${info.reason})` : "";
-    console.error(
-      `FAILED at step '${currentStep}': ${grpc.status[err.code]}${reason}: ${err.details}`,
-    );
-  } else {
-    console.error(`FAILED at step '${currentStep}':`, err);
-  }
-  process.exit(1);
-});
+run(main);

@@ -24,6 +24,7 @@ from google.protobuf import duration_pb2
 
 from jobs.v1 import jobs_pb2
 from jobsvc_client import CALL_TIMEOUT, S, as_json, connect, error_info, value
+from checks import Failure, check, run, step
 
 STREAM_WAIT = 10.0  # seconds, the longest wait for one stream message
 
@@ -78,13 +79,6 @@ class UpdateStream:
 # --- checks -------------------------------------------------------------------------------
 
 
-class Failure(Exception):
-    pass
-
-
-def check(condition, message):
-    if not condition:
-        raise Failure(message)
 
 
 def expect_job(job, *, id, status, version):
@@ -107,13 +101,6 @@ def counts(stats):
     )
 
 
-current_step = "start"
-
-
-def step(name):
-    global current_step
-    current_step = name
-    print(f"==> {name}", flush=True)
 
 
 # --- the scenario -------------------------------------------------------------------------
@@ -270,11 +257,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Failure as failure:
-        sys.exit(f"FAILED at step '{current_step}': {failure}")
-    except grpc.RpcError as err:
-        info = error_info(err)
-        reason = f" (reason {info.reason})" if info else ""
-        sys.exit(f"FAILED at step '{current_step}': {err.code().name}{reason}: {err.details()}")
+    run(main)

@@ -30,6 +30,7 @@ from google.protobuf import duration_pb2
 from jobs.v1 import jobs_pb2
 # CALL_TIMEOUT: seconds, every unary call (a waiting ClaimJobs gets its `wait` on top).
 from jobsvc_client import CALL_TIMEOUT, S, as_json, connect, duration, error_info, value
+from checks import Failure, check, run, step
 
 
 # --- plumbing a service would keep (with jobsvc_client.py) --------------------------------
@@ -332,25 +333,6 @@ class Worker:
             self.on_event(after, "handed back")
 
 
-# --- checks -------------------------------------------------------------------------------
-
-
-class Failure(Exception):
-    pass
-
-
-def check(condition, message):
-    if not condition:
-        raise Failure(message)
-
-
-current_step = "start"
-
-
-def step(name):
-    global current_step
-    current_step = name
-    print(f"==> {name}", flush=True)
 
 
 # --- the scenario -------------------------------------------------------------------------
@@ -594,11 +576,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Failure as failure:
-        sys.exit(f"FAILED at step '{current_step}': {failure}")
-    except grpc.RpcError as err:
-        info = error_info(err)
-        reason = f" (reason {info.reason})" if info else ""
-        sys.exit(f"FAILED at step '{current_step}': {err.code().name}{reason}: {err.details()}")
+    run(main)

@@ -115,8 +115,8 @@ impl JobSvc {
             change = back;
             let row = row.ok_or(Error::JobNotFound(change.id))?;
             if row.written {
-                if let Some(lease) = change.lease {
-                    self.count_worker_move(&change, lease, &row.job);
+                if change.lease.is_some() {
+                    self.count_worker_move(&change, &row.job);
                 }
                 self.committed()?;
                 return Ok(row.job);

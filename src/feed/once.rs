@@ -51,11 +51,16 @@ impl WakeOnce {
     /// now, without waiting for the feed, and the feed's event of the same change wakes no one
     /// else.
     pub fn ready(&self, job: &Job) {
-        if !self.first_of(job.id, job.version) {
-            return;
-        }
-        let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(lane) = lanes.get(&job.agent_identifier) {
+        // Most creates have no claim waiting here: then nothing is remembered (the path of
+        // every create stays one map lookup).
+        let lane = {
+            let lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+            match lanes.get(&job.agent_identifier) {
+                Some(lane) if Arc::strong_count(lane) > 1 => lane.clone(),
+                _ => return,
+            }
+        };
+        if self.first_of(job.id, job.version) {
             lane.notify_one();
         }
     }

@@ -197,6 +197,8 @@ enum Req {
     Events(pb::ListJobEventsRequest),
     Stats(pb::GetStatsRequest),
     Stream(pb::StreamJobUpdatesRequest),
+    Claim(pb::ClaimJobsRequest),
+    Beat(pb::HeartbeatRequest),
 }
 
 async fn send(c: &mut crate::harness::Client, req: Req) -> Result<(), tonic::Status> {
@@ -210,6 +212,8 @@ async fn send(c: &mut crate::harness::Client, req: Req) -> Result<(), tonic::Sta
         Req::Events(r) => c.list_job_events(r).await.map(drop),
         Req::Stats(r) => c.get_stats(r).await.map(drop),
         Req::Stream(r) => c.stream_job_updates(r).await.map(drop),
+        Req::Claim(r) => c.claim_jobs(r).await.map(drop),
+        Req::Beat(r) => c.heartbeat(r).await.map(drop),
     }
 }
 
@@ -731,6 +735,152 @@ async fn corpus_of_malformed_requests_gets_exact_codes_and_reasons() {
             }),
             "INVALID_TIMESTAMP",
         ));
+    }
+
+    // Workers: ClaimJobs, Heartbeat, and the workers' fields of CreateJob, UpdateStatus and
+    // StreamJobUpdates.
+    let secs = |s: f64| prost_types::Duration {
+        seconds: s.trunc() as i64,
+        nanos: (s.fract() * 1e9) as i32,
+    };
+    let claim = |agent: &str, max_jobs: i32, lease: f64, wait: f64, worker: &str| {
+        Req::Claim(pb::ClaimJobsRequest {
+            agent_identifier: agent.into(),
+            max_jobs,
+            lease_duration: Some(secs(lease)),
+            wait: Some(secs(wait)),
+            worker_id: worker.into(),
+            user_id: String::new(),
+        })
+    };
+    let worker_cases: Vec<(&str, Req, &str)> = vec![
+        (
+            "ClaimJobs.max_jobs = -1",
+            claim("bad", -1, 30.0, 0.0, ""),
+            "INVALID_MAX_JOBS",
+        ),
+        (
+            "ClaimJobs.max_jobs = 101",
+            claim("bad", 101, 30.0, 0.0, ""),
+            "INVALID_MAX_JOBS",
+        ),
+        (
+            "ClaimJobs.lease_duration = -1s",
+            claim("bad", 1, -1.0, 0.0, ""),
+            "INVALID_DURATION",
+        ),
+        (
+            "ClaimJobs.lease_duration = 0.5s",
+            claim("bad", 1, 0.5, 0.0, ""),
+            "INVALID_DURATION",
+        ),
+        (
+            "ClaimJobs.lease_duration = 2h",
+            claim("bad", 1, 7200.0, 0.0, ""),
+            "INVALID_DURATION",
+        ),
+        (
+            "ClaimJobs.wait = 61s",
+            claim("bad", 1, 30.0, 61.0, ""),
+            "INVALID_DURATION",
+        ),
+        (
+            "ClaimJobs.agent_identifier empty",
+            claim("", 1, 30.0, 0.0, ""),
+            "INVALID_AGENT_IDENTIFIER",
+        ),
+        (
+            "ClaimJobs.worker_id with a control character",
+            claim("bad", 1, 30.0, 0.0, "w\u{7}"),
+            "INVALID_WORKER_ID",
+        ),
+        (
+            "StreamJobUpdates.worker_id with a control character",
+            Req::Stream(pb::StreamJobUpdatesRequest {
+                worker_id: "w\u{7}".into(),
+                ..Default::default()
+            }),
+            "INVALID_WORKER_ID",
+        ),
+        (
+            "CreateJob.priority = 1001",
+            Req::Create(pb::CreateJobRequest {
+                agent_identifier: "bad".into(),
+                priority: 1001,
+                ..Default::default()
+            }),
+            "INVALID_PRIORITY",
+        ),
+        (
+            "CreateJob.max_attempts = 101",
+            Req::Create(pb::CreateJobRequest {
+                agent_identifier: "bad".into(),
+                max_attempts: 101,
+                ..Default::default()
+            }),
+            "INVALID_MAX_ATTEMPTS",
+        ),
+        (
+            "CreateJob.max_attempts = -1",
+            Req::Create(pb::CreateJobRequest {
+                agent_identifier: "bad".into(),
+                max_attempts: -1,
+                ..Default::default()
+            }),
+            "INVALID_MAX_ATTEMPTS",
+        ),
+        (
+            "CreateJob.initial_backoff = 2h",
+            Req::Create(pb::CreateJobRequest {
+                agent_identifier: "bad".into(),
+                max_attempts: 2,
+                initial_backoff: Some(secs(7200.0)),
+                ..Default::default()
+            }),
+            "INVALID_DURATION",
+        ),
+        (
+            "CreateJob.run_after in the year 10000",
+            Req::Create(pb::CreateJobRequest {
+                agent_identifier: "bad".into(),
+                run_after: Some(prost_types::Timestamp {
+                    seconds: 253_402_300_800,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            "INVALID_TIMESTAMP",
+        ),
+        (
+            "UpdateStatus.no_retry without lease_id",
+            Req::Update(pb::UpdateStatusRequest {
+                id: ok_id.clone(),
+                status: S::Failed as i32,
+                no_retry: true,
+                ..Default::default()
+            }),
+            "MISSING_FIELD",
+        ),
+        (
+            "Heartbeat.lease_id empty",
+            Req::Beat(pb::HeartbeatRequest {
+                id: ok_id.clone(),
+                ..Default::default()
+            }),
+            "MISSING_FIELD",
+        ),
+        (
+            "Heartbeat.id = \"nope\"",
+            Req::Beat(pb::HeartbeatRequest {
+                id: "nope".into(),
+                lease_id: "x".into(),
+                ..Default::default()
+            }),
+            "INVALID_UUID",
+        ),
+    ];
+    for (name, req, reason) in worker_cases {
+        cases.push((name.to_string(), req, reason));
     }
 
     let total = cases.len();

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use super::JobSvc;
 use crate::api::convert;
 use crate::db;
-use crate::domain::{Caller, Claim, Job, JobStatus, LeaseMove, StatusChange, WatchFilter};
+use crate::domain::{Caller, Claim, Job, JobStatus, StatusChange, WatchFilter};
 use crate::error::{Error, Result};
 use crate::pb;
 
@@ -18,7 +18,7 @@ const CLAIM_REREAD_INTERVAL: Duration = Duration::from_secs(5);
 
 impl JobSvc {
     /// Counts a worker's applied move: a retry (FAILED sent back to PENDING) or a release.
-    pub(super) fn count_worker_move(&self, change: &StatusChange, _lease: LeaseMove, job: &Job) {
+    pub(super) fn count_worker_move(&self, change: &StatusChange, job: &Job) {
         if job.status == JobStatus::Pending {
             match change.target {
                 JobStatus::Pending => {
