@@ -3,7 +3,7 @@
 //! that serves them is `crate::app::metrics_http`.
 //!
 //! May import: nothing of ours.
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
@@ -13,7 +13,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tracing_appender::non_blocking::ErrorCounter;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
@@ -89,7 +88,7 @@ pub struct Metrics {
     /// Synced from the log writer's own count ([`Metrics::count_dropped_log_lines`]) at each
     /// scrape.
     log_lines_dropped: Counter,
-    log_writer: OnceLock<ErrorCounter>,
+    log_writer: OnceLock<Arc<AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -328,7 +327,7 @@ impl Metrics {
     }
 
     /// Reports the lines that the log writer `serve` set up dropped (its handle's count).
-    pub fn count_dropped_log_lines(&self, writer: ErrorCounter) {
+    pub fn count_dropped_log_lines(&self, writer: Arc<AtomicU64>) {
         let _ = self.log_writer.set(writer);
     }
 
@@ -336,7 +335,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         if let Some(dropped) = self.log_writer.get() {
             self.log_lines_dropped.inner().store(
-                dropped.dropped_lines() as u64,
+                dropped.load(std::sync::atomic::Ordering::Relaxed),
                 std::sync::atomic::Ordering::Relaxed,
             );
         }
