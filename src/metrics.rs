@@ -3,8 +3,8 @@
 //! that serves them is `crate::app::metrics_http`.
 //!
 //! May import: nothing of ours.
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;

@@ -9,9 +9,9 @@ use super::auth::Authenticator;
 use super::convert::JsonLimits;
 use super::fault::LostResponses;
 use super::tokens::TokenKey;
-use crate::db::PgPool;
 use crate::db::batch::{Beats, Creates, Updates};
 use crate::db::health::DbHealth;
+use crate::db::{Lanes, PgPool};
 use crate::feed::limits::CallerLimits;
 use crate::feed::{Feed, WakeOnce};
 use crate::metrics::Metrics;
@@ -19,6 +19,10 @@ use crate::metrics::Metrics;
 /// Everything a call needs, shared by all calls.
 pub struct AppState {
     pub pool: PgPool,
+    /// Users' reads: connections whose session role is `authenticated` (`db::user_read`).
+    pub user_reads: PgPool,
+    /// The service role's point reads: shared, pipelined connections (`db::Lanes`).
+    pub lanes: Lanes,
     /// For connections outside the pool (a stream's snapshot).
     pub database_url: Arc<str>,
     pub auth: Authenticator,

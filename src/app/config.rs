@@ -157,9 +157,19 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub secret: SecretArgs,
 
-    /// Most database connections the server holds.
+    /// Database connections for writes and the service role's calls.
     #[arg(long, env = "JOBSVC_POOL_SIZE", default_value_t = 16)]
     pub pool_size: usize,
+
+    /// Database connections for users' reads (GetJob, ListJobs, ListJobEvents, GetStats),
+    /// whose session role is `authenticated`.
+    #[arg(long, env = "JOBSVC_USER_READ_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub user_read_pool_size: u32,
+
+    /// Shared connections that carry the service role's GetJob calls, pipelined (0: each
+    /// call checks a connection out of the pool).
+    #[arg(long, env = "JOBSVC_READ_LANES", default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub read_lanes: u32,
 
     /// Log line format; verbosity comes from RUST_LOG (default "info").
     #[arg(long, env = "JOBSVC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -175,6 +175,9 @@ async fn start(
     };
     let state = Arc::new(AppState {
         pool: pool.clone(),
+        user_reads: db::user_read_pool(database_url, args.user_read_pool_size as usize)?
+            .watch_slow_calls(args.slow_query_threshold, metrics.slow_queries.clone()),
+        lanes: db::Lanes::new(database_url, args.read_lanes as usize)?,
         database_url: database_url.into(),
         auth: authenticator,
         limits: args.job_limits.limits(),

@@ -175,7 +175,7 @@ pub(crate) async fn by_request_id(
 }
 
 /// One job, if it exists and the scope may see it.
-pub(crate) async fn get(
+pub async fn get(
     mut conn: &AsyncPgConnection,
     scope: Option<Uuid>,
     id: Uuid,

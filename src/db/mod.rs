@@ -35,4 +35,7 @@ pub use pool::{
     MAX_IDLE, MIGRATIONS, PgConn, PgPool, connect, connect_named, migrate, pool, retire_idle,
 };
 pub use prepared::PreparedExt;
-pub use scoped::{Plans, Scoped, scoped, scoped_read, scoped_with_plans, snapshot_begin_sql};
+pub use scoped::{
+    LANE_NAME, Lanes, Plans, Scoped, USER_READS_NAME, lane, scoped, scoped_read, scoped_with_plans,
+    snapshot_begin_sql, user_read, user_read_pool,
+};

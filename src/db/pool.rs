@@ -4,12 +4,14 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
 
+use diesel::QueryResult;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
 use diesel_async::{AsyncConnection, AsyncPgConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+use futures_util::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::error::{Error, Result};
@@ -61,10 +63,36 @@ const POOL_TIMEOUT: Duration = Duration::from_secs(2);
 /// A pool whose waits, connects and health checks are all bounded, so an unreachable database
 /// turns into fast UNAVAILABLE answers rather than hanging calls.
 pub fn pool(database_url: &str, size: usize) -> Result<PgPool> {
+    build(database_url, size, ManagerConfig::default())
+}
+
+/// What a new connection of a [`pool_with_setup`] runs before the pool hands it out.
+pub(crate) type Setup = for<'c> fn(&'c AsyncPgConnection) -> BoxFuture<'c, QueryResult<()>>;
+
+/// Like [`pool`], but every new connection first runs `setup` (a session setting that all
+/// its users rely on).
+pub(crate) fn pool_with_setup(database_url: &str, size: usize, setup: Setup) -> Result<PgPool> {
+    let mut config = ManagerConfig::default();
+    config.custom_setup = Box::new(move |url| {
+        Box::pin(async move {
+            let conn = AsyncPgConnection::establish(url).await?;
+            setup(&conn)
+                .await
+                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        })
+    });
+    build(database_url, size, config)
+}
+
+fn build(
+    database_url: &str,
+    size: usize,
+    mut config: ManagerConfig<AsyncPgConnection>,
+) -> Result<PgPool> {
     // No `SELECT 1` on every checkout (a whole extra round trip per call): a connection whose
     // server went away is already known closed and discarded by the pool's broken check,
     // and the health monitor pings the database on its own schedule.
-    let mut config = ManagerConfig::default();
     config.recycling_method = RecyclingMethod::Fast;
     let manager =
         AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(database_url, config);

@@ -1,5 +1,7 @@
 //! The one way to run statements on behalf of a caller: a connection from the pool, scoped to
-//! the caller's row-level-security context, with its transaction and its slow-call report.
+//! the caller's row-level-security context, with its transaction and its slow-call report;
+//! or, for reads, a connection of the user-read pool ([`user_read`]) or a shared lane
+//! ([`lane`]).
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,12 +11,15 @@ use super::pool::{PgConn, PgPool, SlowCalls};
 use crate::domain::{Caller, Role};
 use crate::error::Result;
 
-/// A connection checked out on behalf of one caller; see [`scoped`].
+/// A connection used on behalf of one caller; see [`scoped`], [`user_read`] and [`lane`].
 pub struct Scoped {
     /// `None` only once dropped.
-    conn: Option<PgConn>,
-    /// `BEGIN` and the caller's settings, not yet sent: they go out with the first statement.
+    conn: Option<Conn>,
+    /// SQL not yet sent that goes out with the first statement, in the same flight: `BEGIN`
+    /// and the caller's settings, or a user read's claims.
     begin: Option<String>,
+    /// Whether `begin` opens a transaction (a user read's claims do not).
+    transaction: bool,
     /// Whether a transaction may be open on the server: set before `BEGIN` is sent, cleared
     /// once `COMMIT` or `ROLLBACK` has completed. A `Scoped` dropped while it is set (a call
     /// cancelled half-way, a `COMMIT` that failed) takes its connection out of the pool rather
@@ -23,6 +28,38 @@ pub struct Scoped {
     started: std::time::Instant,
     /// Where a slow call is reported (the pool's watch, if any).
     slow: Option<Arc<SlowCalls>>,
+}
+
+/// The connection a [`Scoped`] runs on: its own for the call, or a lane shared with others.
+// A pooled connection is held inline (as before lanes): boxing it would cost every call an
+// allocation to save a few hundred bytes of a value that lives for one call.
+#[allow(clippy::large_enum_variant)]
+enum Conn {
+    Own(PgConn),
+    Lane(Arc<PgConn>, Arc<Lane>),
+}
+
+impl std::ops::Deref for Conn {
+    type Target = AsyncPgConnection;
+
+    fn deref(&self) -> &AsyncPgConnection {
+        match self {
+            Conn::Own(conn) => conn,
+            Conn::Lane(conn, _) => conn,
+        }
+    }
+}
+
+// The connections' names, as constants and inside their setup SQL.
+macro_rules! lane_name {
+    () => {
+        "jobsvc-lane"
+    };
+}
+macro_rules! user_reads_name {
+    () => {
+        "jobsvc-user-reads"
+    };
 }
 
 /// Checks out a connection on behalf of `caller`.
@@ -84,7 +121,159 @@ async fn begin_scoped(pool: &PgPool, caller: &Caller, plans: Option<Plans>) -> R
         (Role::User(user), None) => Some(rls_begin_sql(user)),
         (Role::User(user), Some(plans)) => Some(format!("{}{plans}", rls_begin_sql(user))),
     };
-    Ok(Scoped::new(pool, conn, begin))
+    Ok(Scoped::new(pool, Conn::Own(conn), begin, true))
+}
+
+/// Checks out a connection of the user-read pool (see [`user_read_pool`]) for `user`'s
+/// reads: single statements, no transaction. The user's claims (and the planning mode) are
+/// set for the session by the first flight, in front of the first statement, so a user read
+/// is one round trip where `BEGIN` .. `COMMIT` took two.
+///
+/// Row-level security stays the backstop: the connection's session role is `authenticated`
+/// from the moment it was opened, so a statement on it sees only the rows the claims allow,
+/// whatever its own filter says. The claims are set before every call's first statement
+/// (on the same connection, which the server reads in order), and a call whose settings
+/// fail has its statements' results dropped, so no statement is answered under another
+/// user's claims.
+pub async fn user_read(pool: &PgPool, user: uuid::Uuid, plans: Option<Plans>) -> Result<Scoped> {
+    let conn = pool.get().await?;
+    let plans = match plans {
+        None => "auto",
+        Some(Plans::Custom) => "force_custom_plan",
+        Some(Plans::Generic) => "force_generic_plan",
+    };
+    // The only interpolated values are a parsed UUID and constants: nothing to escape.
+    let settings = format!(
+        "SELECT set_config('request.jwt.claims', '{{\"sub\":\"{user}\",\"role\":\"authenticated\"}}', false), \
+         set_config('plan_cache_mode', '{plans}', false)"
+    );
+    Ok(Scoped::new(pool, Conn::Own(conn), Some(settings), false))
+}
+
+/// Opens the connections of a user-read pool: each runs as role `authenticated` for its
+/// whole session (see [`user_read`]).
+pub fn user_read_pool(database_url: &str, size: usize) -> Result<PgPool> {
+    super::pool::pool_with_setup(database_url, size, |conn| {
+        Box::pin(async move {
+            let mut conn = conn;
+            conn.batch_execute(concat!(
+                "SET ROLE authenticated; SET application_name = '",
+                user_reads_name!(),
+                "'"
+            ))
+            .await
+        })
+    })
+}
+
+/// Shared connections for the service role's point reads (GetJob): many calls use one at
+/// once, and their statements are pipelined: tokio-postgres writes every queued statement
+/// in one go and PostgreSQL answers them in order. A connection per call cost a wake-up of
+/// a PostgreSQL backend per call, and most of the database's CPU under GetJob load went to
+/// those: a lane cut the database's CPU per GetJob to about a third.
+///
+/// Only single statements that are short whatever their values go on a lane (a long one
+/// would hold up every call queued behind it), never a transaction. A lane whose statement
+/// fails is retired: its connection goes back to the lanes' own pool once its last call is
+/// done, and the pool checks it before anyone gets it again.
+pub struct Lanes {
+    pool: PgPool,
+    lanes: Vec<Arc<Lane>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// The `application_name` of the lanes' connections, and of the user-read pool's (as
+/// `pg_stat_activity` shows them).
+pub const LANE_NAME: &str = lane_name!();
+pub const USER_READS_NAME: &str = user_reads_name!();
+
+/// One lane: the connection it shares, if it has one now.
+pub struct Lane {
+    current: std::sync::Mutex<Option<Arc<PgConn>>>,
+    /// Held while the lane gets a connection, so that its other calls wait for that one
+    /// rather than each asking the pool for its own.
+    filling: tokio::sync::Mutex<()>,
+}
+
+impl Lane {
+    fn current(&self) -> Option<Arc<PgConn>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The lane's connection, taken from `pool` if it has none.
+    async fn conn(&self, pool: &PgPool) -> Result<Arc<PgConn>> {
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        let _filling = self.filling.lock().await;
+        if let Some(conn) = self.current() {
+            return Ok(conn);
+        }
+        let conn = Arc::new(pool.get().await?);
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Takes `conn` out of service, if it is still this lane's connection.
+    fn retire(&self, conn: &Arc<PgConn>) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            *current = None;
+        }
+    }
+}
+
+impl Lanes {
+    /// `count` lanes over their own connections (none: every read checks a connection out).
+    pub fn new(database_url: &str, count: usize) -> Result<Self> {
+        Ok(Lanes {
+            // Room for a retired lane's connection to finish its calls while its successor
+            // is already at work.
+            pool: super::pool::pool_with_setup(database_url, 2 * count.max(1), |conn| {
+                Box::pin(async move {
+                    let mut conn = conn;
+                    conn.batch_execute(concat!("SET application_name = '", lane_name!(), "'"))
+                        .await
+                })
+            })?,
+            lanes: (0..count)
+                .map(|_| {
+                    Arc::new(Lane {
+                        current: Default::default(),
+                        filling: Default::default(),
+                    })
+                })
+                .collect(),
+            next: Default::default(),
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lanes.is_empty()
+    }
+}
+
+/// A lane for one short statement of the service role (see [`Lanes`]); with no lanes
+/// configured, a connection of `pool` as [`scoped`] gives it.
+pub async fn lane(lanes: &Lanes, pool: &PgPool) -> Result<Scoped> {
+    if lanes.is_empty() {
+        return Ok(Scoped::new(pool, Conn::Own(pool.get().await?), None, false));
+    }
+    let i = lanes
+        .next
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        % lanes.lanes.len();
+    let lane = &lanes.lanes[i];
+    let conn = lane.conn(&lanes.pool).await?;
+    Ok(Scoped::new(
+        pool,
+        Conn::Lane(conn, lane.clone()),
+        None,
+        false,
+    ))
 }
 
 /// A read-only transaction on behalf of `caller` (with the PostgREST-style settings for a
@@ -102,14 +291,15 @@ pub async fn scoped_read(pool: &PgPool, caller: &Caller, timeout: Duration) -> R
         begin.replacen("BEGIN", "BEGIN READ ONLY", 1),
         timeout.as_millis().max(1)
     );
-    Ok(Scoped::new(pool, conn, Some(begin)))
+    Ok(Scoped::new(pool, Conn::Own(conn), Some(begin), true))
 }
 
 impl Scoped {
-    fn new(pool: &PgPool, conn: PgConn, begin: Option<String>) -> Self {
+    fn new(pool: &PgPool, conn: Conn, begin: Option<String>, transaction: bool) -> Self {
         Scoped {
             conn: Some(conn),
             begin,
+            transaction,
             open: false,
             started: std::time::Instant::now(),
             slow: pool.slow_calls(),
@@ -134,7 +324,7 @@ impl Scoped {
         F: Future<Output = Result<T>>,
     {
         let begin = self.begin.take();
-        if begin.is_some() {
+        if begin.is_some() && self.transaction {
             self.open = true;
         }
         let conn: &'s AsyncPgConnection = self.conn.as_deref().expect("present until dropped");
@@ -156,6 +346,11 @@ impl Scoped {
     /// the statement's values) and counted.
     pub async fn finish<T>(mut self, result: Result<T>) -> Result<T> {
         let result = self.end(result).await;
+        if result.is_err()
+            && let Some(Conn::Lane(conn, lane)) = &self.conn
+        {
+            lane.retire(conn);
+        }
         let elapsed = self.started.elapsed();
         if let Some(slow) = &self.slow
             && elapsed >= slow.threshold
@@ -194,7 +389,7 @@ impl Scoped {
 impl Drop for Scoped {
     fn drop(&mut self) {
         if self.open
-            && let Some(conn) = self.conn.take()
+            && let Some(Conn::Own(conn)) = self.conn.take()
         {
             // Out of the pool, and closed when dropped here.
             drop(deadpool::managed::Object::take(conn));

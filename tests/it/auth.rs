@@ -552,6 +552,75 @@ async fn a_users_history_read_is_backed_by_row_level_security() {
     server.stop().await;
 }
 
+/// A user's reads run on connections whose session role is `authenticated`, with the user's
+/// claims sent in front of the statement and no transaction: a read that forgets its own
+/// user filter (`scope` None) still sees only the user's jobs. On one connection used by
+/// alice, then bob, then alice again, nobody reads under the claims of the one before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_read_is_backed_by_row_level_security_without_a_transaction() {
+    let server = TestServer::start().await;
+    let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut svc = server.service().await;
+    let mut ids = std::collections::HashMap::new();
+    for user in [alice, bob] {
+        let job = svc
+            .create_job(pb::CreateJobRequest {
+                agent_identifier: "h".into(),
+                user_id: user.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.insert(user, job.id.parse::<Uuid>().unwrap());
+    }
+    // One connection, so every read below reuses it.
+    let pool = jobsvc::db::user_read_pool(&server.db_url, 1).unwrap();
+    let read = |reader: Uuid, owner: Uuid| {
+        let pool = pool.clone();
+        let id = ids[&owner];
+        async move {
+            let mut db = jobsvc::db::user_read(&pool, reader, None).await.unwrap();
+            // No application filter: only row-level security narrows it.
+            let row = db.exec(|c| jobsvc::db::jobs::get(c, None, id)).await;
+            db.finish(row).await.unwrap().map(|job| job.user_id)
+        }
+    };
+    for (reader, owner) in [
+        (alice, alice),
+        (alice, bob),
+        (bob, alice),
+        (bob, bob),
+        (alice, bob),
+    ] {
+        let seen = read(reader, owner).await;
+        let expected = (reader == owner).then_some(Some(owner));
+        assert_eq!(seen, expected, "{reader} reading {owner}'s job");
+    }
+    // And the session itself is the user role: even a statement that sets no claims at all
+    // sees no job.
+    let conn = pool.get().await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    use diesel_async::RunQueryDsl;
+    let mut c: &diesel_async::AsyncPgConnection = &conn;
+    diesel_async::SimpleAsyncConnection::batch_execute(
+        &mut c,
+        "SELECT set_config('request.jwt.claims', '', false)",
+    )
+    .await
+    .unwrap();
+    let all: Vec<Count> = diesel::sql_query("SELECT count(*) AS n FROM jobs")
+        .load(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(all[0].n, 0);
+    server.stop().await;
+}
+
 /// A token's lifetime holds for long calls too: a WaitJob whose token expires before its job
 /// finishes (and before its timeout) ends with UNAUTHENTICATED, and a stream whose token
 /// expires while it is still sending the existing jobs ends there, before `synced`.

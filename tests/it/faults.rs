@@ -589,3 +589,97 @@ async fn kill_9_of_jobsvc_loses_nothing_committed() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 }
+
+/// The service role's GetJob calls share pipelined connections (lanes). Terminating those
+/// connections under load costs at most the calls in flight on them (answered with an
+/// error, never hung); the lanes are replaced and every later call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_lane_connections_are_replaced() {
+    let pg = shared_pg().await;
+    let url = fresh_database(&pg).await;
+    let server = TestServer::start_on(&url, &["--read-lanes", "2"]).await;
+    let svc = server.service().await;
+    let id = svc
+        .clone()
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: AGENT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let get_many = |n: usize| {
+        let (svc, id) = (svc.clone(), id.clone());
+        async move {
+            let calls = (0..n).map(|_| {
+                let (mut svc, id) = (svc.clone(), id.clone());
+                async move {
+                    timeout(HANG, svc.get_job(pb::GetJobRequest { id }))
+                        .await
+                        .expect("a GetJob hung")
+                        .map(|r| r.into_inner().id)
+                }
+            });
+            futures_util::future::join_all(calls).await
+        }
+    };
+    for answer in get_many(64).await {
+        assert_eq!(answer.unwrap(), id);
+    }
+    let mut admin = jobsvc::db::connect(&url).await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    use diesel_async::RunQueryDsl;
+    for round in 0..5 {
+        let lanes: Vec<Pid> = diesel::sql_query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+        )
+        .bind::<diesel::sql_types::Text, _>(jobsvc::db::LANE_NAME)
+        .load(&mut admin)
+        .await
+        .unwrap();
+        assert!(!lanes.is_empty(), "round {round}: the lanes are open");
+        let load = tokio::spawn(get_many(200));
+        for lane in &lanes {
+            diesel::sql_query("SELECT pg_terminate_backend($1)")
+                .bind::<diesel::sql_types::Integer, _>(lane.pid)
+                .execute(&mut admin)
+                .await
+                .unwrap();
+        }
+        // Calls in flight on a killed lane may fail, with UNAVAILABLE (retry with backoff);
+        // none hangs (get_many times out).
+        let answers = load.await.unwrap();
+        let failed: Vec<Code> = answers
+            .iter()
+            .filter_map(|a| a.as_ref().err().map(|s| s.code()))
+            .collect();
+        eprintln!(
+            "round {round}: {} of 200 calls failed with their lane",
+            failed.len()
+        );
+        assert!(
+            failed.iter().all(|c| *c == Code::Unavailable),
+            "round {round}: {failed:?}"
+        );
+        // Once the lanes are replaced, every call succeeds.
+        eventually(
+            Duration::from_secs(10),
+            "GetJob succeeds again",
+            || async move { get_many(8).await.iter().all(|a| a.is_ok()) },
+        )
+        .await;
+        for answer in get_many(200).await {
+            assert_eq!(
+                answer.unwrap(),
+                id,
+                "round {round}: after the lanes were replaced"
+            );
+        }
+    }
+    server.stop().await;
+}

@@ -491,8 +491,8 @@ async fn idle_pooled_connections_are_closed_and_reopened_on_demand() {
 }
 
 /// The log is written by a thread of its own: a log reader that stops reading (here, a pipe
-/// nobody reads, which fills at 64 KiB) holds up no call. Past the writer's buffer of 16,384
-/// lines, lines are dropped and counted in the metrics. Written to a pipe, the log carries no
+/// nobody reads, which fills at 64 KiB) holds up no call. Past the writer's buffer of 2 MiB
+/// (about 10,000 lines), lines are dropped and counted in the metrics. Written to a pipe, the log carries no
 /// terminal colour codes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_log_reader_holds_up_no_call() {
@@ -536,8 +536,8 @@ async fn a_stalled_log_reader_holds_up_no_call() {
     .await
     .expect("20,000 calls answered within 240 s while nobody reads the log")
     .unwrap();
-    // At most 16,384 lines wait in the buffer and a few hundred in the pipe; the rest were
-    // dropped, and counted.
+    // At most 2 MiB of lines (some 10,000) wait in the buffer and a few hundred in the pipe;
+    // the rest were dropped, and counted.
     let dropped = sample(
         &scrape(metrics.port()).await,
         "jobsvc_log_lines_dropped_total",
