@@ -19,6 +19,8 @@ pub struct Run {
     pub succeeded: u64,
     pub rps: f64,
     pub mean_ms: f64,
+    /// CPU per call of PostgreSQL, the server and h2load, over the measured time.
+    pub cpu_us: Option<super::cpu::Split>,
 }
 
 /// Runs h2load for the warm-up and the measured time; `min_reply_bytes` is the least a real
@@ -40,7 +42,7 @@ pub fn run(
         "h2load: warming up {:?}, then measuring {:?}",
         args.warmup, args.duration
     );
-    let out = Command::new("h2load")
+    let child = Command::new("h2load")
         .args(["-c", &args.concurrency.to_string(), "-m", "1", "-t", "1"])
         .args(["--warm-up-time", &secs(args.warmup)])
         .args(["-D", &secs(args.duration)])
@@ -49,10 +51,23 @@ pub fn run(
         .arg("-d")
         .arg(&file)
         .arg(format!("http://{addr}/jobs.v1.JobService/{method}"))
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|e| {
             format!("cannot run h2load ({e}): install it with `apt-get install nghttp2-client`")
         })?;
+    // CPU by part over the measured time, less half a second at each end (h2load's own
+    // start-up and wind-down).
+    let window = args.duration.as_secs_f64() - 1.0;
+    let mut cpu_seconds = None;
+    if window >= 1.0 {
+        std::thread::sleep(args.warmup + Duration::from_millis(500));
+        let first = super::cpu::snapshot(child.id());
+        std::thread::sleep(Duration::from_secs_f64(window));
+        cpu_seconds = Some(super::cpu::snapshot(child.id()).since(&first));
+    }
+    let out = child.wait_with_output()?;
     let _ = std::fs::remove_file(&file);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let number = |line_start: &str, word: &str| -> Option<f64> {
@@ -100,6 +115,7 @@ pub fn run(
         succeeded: succeeded as u64,
         rps,
         mean_ms,
+        cpu_us: cpu_seconds.and_then(|split| split.per_call_us(rps * window)),
     })
 }
 
@@ -126,6 +142,7 @@ impl Run {
             p50_ms: self.mean_ms,
             p99_ms: f64::NAN,
             p999_ms: f64::NAN,
+            cpu_us: self.cpu_us,
             ..Default::default()
         }
     }

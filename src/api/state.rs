@@ -22,7 +22,7 @@ pub struct AppState {
     /// Users' reads: connections whose session role is `authenticated` (`db::user_read`).
     pub user_reads: PgPool,
     /// The service role's point reads: shared, pipelined connections (`db::Lanes`).
-    pub lanes: Lanes,
+    pub lanes: Arc<Lanes>,
     /// For connections outside the pool (a stream's snapshot).
     pub database_url: Arc<str>,
     pub auth: Authenticator,

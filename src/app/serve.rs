@@ -142,7 +142,23 @@ async fn start(
         shutdown_rx.clone(),
     )
     .await?;
-    let db_health = DbHealth::start(database_url.to_owned(), pool.clone(), shutdown_rx.clone());
+    let user_reads = db::user_read_pool(database_url, args.user_read_pool_size as usize)?
+        .watch_slow_calls(args.slow_query_threshold, metrics.slow_queries.clone());
+    let lanes = args.read_lanes.map_or_else(
+        || {
+            std::thread::available_parallelism()
+                .map_or(1, |cores| cores.get() / 2)
+                .max(1)
+        },
+        |n| n as usize,
+    );
+    let lanes = Arc::new(db::Lanes::new(database_url, lanes)?);
+    let db_health = DbHealth::start(
+        database_url.to_owned(),
+        vec![pool.clone(), user_reads.clone()],
+        lanes.clone(),
+        shutdown_rx.clone(),
+    );
     let mut authenticator = Authenticator::new(secret, args.jwt_leeway)
         .with_previous(&previous)
         .with_policy(ClaimsPolicy {
@@ -175,9 +191,8 @@ async fn start(
     };
     let state = Arc::new(AppState {
         pool: pool.clone(),
-        user_reads: db::user_read_pool(database_url, args.user_read_pool_size as usize)?
-            .watch_slow_calls(args.slow_query_threshold, metrics.slow_queries.clone()),
-        lanes: db::Lanes::new(database_url, args.read_lanes as usize)?,
+        user_reads,
+        lanes,
         database_url: database_url.into(),
         auth: authenticator,
         limits: args.job_limits.limits(),

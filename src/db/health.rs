@@ -11,12 +11,13 @@
 //!
 //! A lost connection alone is not an outage: a ping that fails with an error is retried at once
 //! on a new connection (its backend may merely have been terminated), within the same timeout.
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use tokio::sync::watch;
 
-use super::PgPool;
+use super::{Lanes, PgPool};
 use crate::error::{Error, Result};
 
 /// How often the monitor pings.
@@ -34,11 +35,17 @@ pub struct DbHealth {
 impl DbHealth {
     /// Starts the monitor for `database_url`; it stops on shutdown. The database counts as up
     /// until a ping says otherwise (the server has just migrated it). When it changes either
-    /// way, `pool`'s idle connections are closed: a connection abandoned mid-statement during
-    /// an outage may still wait on a dead socket, and must not serve the next call.
-    pub fn start(database_url: String, pool: PgPool, shutdown: watch::Receiver<bool>) -> Self {
+    /// way, the idle connections of `pools` are closed and `lanes` are retired: a connection
+    /// abandoned mid-statement during an outage may still wait on a dead socket, and must not
+    /// serve the next call.
+    pub fn start(
+        database_url: String,
+        pools: Vec<PgPool>,
+        lanes: Arc<Lanes>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         let (tx, rx) = watch::channel(true);
-        tokio::spawn(monitor(database_url, pool, tx, shutdown));
+        tokio::spawn(monitor(database_url, pools, lanes, tx, shutdown));
         DbHealth { up: rx }
     }
 
@@ -85,7 +92,8 @@ impl DbHealth {
 
 async fn monitor(
     database_url: String,
-    pool: PgPool,
+    pools: Vec<PgPool>,
+    lanes: Arc<Lanes>,
     up: watch::Sender<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -100,13 +108,18 @@ async fn monitor(
         }
         let now_up = answered.is_ok();
         if up.send_if_modified(|was| std::mem::replace(was, now_up) != now_up) {
-            pool.retain(|_, _| false);
+            for pool in &pools {
+                pool.retain(|_, _| false);
+            }
+            lanes.retire_all();
             match &answered {
                 Ok(()) => tracing::info!("database answering again"),
                 Err(e) => tracing::warn!(error = %e, "database not answering: calls fail fast"),
             }
         } else {
-            super::retire_idle(&pool, super::MAX_IDLE);
+            for pool in &pools {
+                super::retire_idle(pool, super::MAX_IDLE);
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(PING_INTERVAL) => {}

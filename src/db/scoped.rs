@@ -254,6 +254,15 @@ impl Lanes {
     fn is_empty(&self) -> bool {
         self.lanes.is_empty()
     }
+
+    /// Takes every lane's connection out of service (the database went away or came back):
+    /// the next call on each lane gets a new one.
+    pub fn retire_all(&self) {
+        for lane in &self.lanes {
+            *lane.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        self.pool.retain(|_, _| false);
+    }
 }
 
 /// A lane for one short statement of the service role (see [`Lanes`]); with no lanes

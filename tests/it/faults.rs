@@ -523,6 +523,17 @@ async fn blackholes_fail_fast_and_lose_nothing() {
     let server = TestServer::start_on(&proxy.url(&url, upstream), &[]).await;
     let load = Workload::start(server.addr, server.addr, false).await;
     let mut probe = server.service().await;
+    let mut user = server.user(Uuid::new_v4()).await;
+    // Not the workload's agent: the final check reads the workload's jobs by agent.
+    let probe_job = probe
+        .create_job(pb::CreateJobRequest {
+            agent_identifier: "fault-probe".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
     for round in 0..20 {
         load.progress(15, Duration::from_secs(30)).await;
         proxy.set(Mode::Blackhole);
@@ -547,6 +558,25 @@ async fn blackholes_fail_fast_and_lose_nothing() {
         }
         proxy.set(Mode::Pass);
         await_health(server.addr, ServingStatus::Serving, Duration::from_secs(5)).await;
+        // The reads' own connections (the service role's lanes, the users' read pool) were
+        // let go with the outage: reads answer at once, not from a connection stuck on the
+        // blackholed socket.
+        let read = timeout(
+            FAIL_FAST,
+            probe.get_job(pb::GetJobRequest {
+                id: probe_job.clone(),
+            }),
+        )
+        .await
+        .expect("GetJob hung after the outage");
+        assert_eq!(
+            read.expect("GetJob after the outage").into_inner().id,
+            probe_job
+        );
+        timeout(FAIL_FAST, user.list_jobs(pb::ListJobsRequest::default()))
+            .await
+            .expect("a user's ListJobs hung after the outage")
+            .expect("a user's ListJobs after the outage");
     }
     proxy.set(Mode::Delay(Duration::from_millis(100)));
     let from = load.tally.acked.load(Relaxed);
