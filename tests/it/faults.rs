@@ -453,7 +453,8 @@ async fn database_restarts_lose_nothing() {
 }
 
 /// The `application_name` jobsvc gives its change-feed listener connections.
-async fn listener_pids(conn: &mut diesel_async::AsyncPgConnection) -> Vec<i32> {
+/// The backends of this database whose `application_name` is `name`.
+async fn backend_pids(conn: &mut diesel_async::AsyncPgConnection, name: &str) -> Vec<i32> {
     #[derive(diesel::QueryableByName)]
     struct Pid {
         #[diesel(sql_type = diesel::sql_types::Integer)]
@@ -463,7 +464,7 @@ async fn listener_pids(conn: &mut diesel_async::AsyncPgConnection) -> Vec<i32> {
     let rows: Vec<Pid> = diesel::sql_query(
         "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
     )
-    .bind::<diesel::sql_types::Text, _>(jobsvc::feed::LISTENER_NAME)
+    .bind::<diesel::sql_types::Text, _>(name)
     .load(conn)
     .await
     .unwrap();
@@ -483,7 +484,7 @@ async fn killed_listener_connections_lose_nothing() {
     let mut admin = jobsvc::db::connect(&url).await.unwrap();
     for _ in 0..50 {
         load.progress(6, Duration::from_secs(30)).await;
-        let before = listener_pids(&mut admin).await;
+        let before = backend_pids(&mut admin, jobsvc::feed::LISTENER_NAME).await;
         assert_eq!(before.len(), 2, "one listener per replica");
         for pid in &before {
             use diesel_async::RunQueryDsl;
@@ -497,7 +498,11 @@ async fn killed_listener_connections_lose_nothing() {
             Duration::from_secs(10),
             "both listeners reconnected",
             || async {
-                let now = listener_pids(&mut jobsvc::db::connect(&url).await.unwrap()).await;
+                let now = backend_pids(
+                    &mut jobsvc::db::connect(&url).await.unwrap(),
+                    jobsvc::feed::LISTENER_NAME,
+                )
+                .await;
                 now.len() == 2 && now.iter().all(|p| !before.contains(p))
             },
         )
@@ -658,25 +663,14 @@ async fn killed_lane_connections_are_replaced() {
         assert_eq!(answer.unwrap(), id);
     }
     let mut admin = jobsvc::db::connect(&url).await.unwrap();
-    #[derive(diesel::QueryableByName)]
-    struct Pid {
-        #[diesel(sql_type = diesel::sql_types::Integer)]
-        pid: i32,
-    }
     use diesel_async::RunQueryDsl;
     for round in 0..5 {
-        let lanes: Vec<Pid> = diesel::sql_query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
-        )
-        .bind::<diesel::sql_types::Text, _>(jobsvc::db::LANE_NAME)
-        .load(&mut admin)
-        .await
-        .unwrap();
+        let lanes = backend_pids(&mut admin, jobsvc::db::LANE_NAME).await;
         assert!(!lanes.is_empty(), "round {round}: the lanes are open");
         let load = tokio::spawn(get_many(200));
         for lane in &lanes {
             diesel::sql_query("SELECT pg_terminate_backend($1)")
-                .bind::<diesel::sql_types::Integer, _>(lane.pid)
+                .bind::<diesel::sql_types::Integer, _>(*lane)
                 .execute(&mut admin)
                 .await
                 .unwrap();
