@@ -168,7 +168,7 @@ pub struct ServeArgs {
 
     /// Shared connections that carry the service role's GetJob calls, pipelined (0: each
     /// call checks a connection out of the pool). By default one per two CPU cores of this
-    /// machine, at least one: on two cores, one lane took a GetJob for 18 µs of PostgreSQL's
+    /// machine, from one to eight: on two cores, one lane took a GetJob for 18 µs of PostgreSQL's
     /// CPU, two for 26 and four for 35, the backends waking each other.
     #[arg(long, env = "JOBSVC_READ_LANES", value_parser = clap::value_parser!(u32).range(0..=64))]
     pub read_lanes: Option<u32>,

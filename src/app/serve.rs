@@ -102,6 +102,10 @@ const PAGE_HEADROOM: usize = 64 << 10;
 /// ids, times) and the page's framing.
 const JOB_HEADROOM: usize = 256 << 10;
 
+/// The most read lanes the default gives (one per two cores): a lane serves tens of thousands
+/// of reads a second, and each holds a database connection.
+const MAX_DEFAULT_LANES: usize = 8;
+
 async fn start(
     args: &ServeArgs,
     database_url: &str,
@@ -148,7 +152,7 @@ async fn start(
         || {
             std::thread::available_parallelism()
                 .map_or(1, |cores| cores.get() / 2)
-                .max(1)
+                .clamp(1, MAX_DEFAULT_LANES)
         },
         |n| n as usize,
     );

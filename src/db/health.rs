@@ -120,6 +120,7 @@ async fn monitor(
             for pool in &pools {
                 super::retire_idle(pool, super::MAX_IDLE);
             }
+            lanes.retire_idle(super::MAX_IDLE);
         }
         tokio::select! {
             _ = tokio::time::sleep(PING_INTERVAL) => {}

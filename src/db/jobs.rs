@@ -364,9 +364,10 @@ pub(crate) async fn compare_and_set_many(
 /// The statement is assembled from the filters that are set, so the planner sees only real
 /// predicates; the keyset condition is a row comparison that the
 /// `(…, created_at DESC, id DESC)` indexes of migration 2026-11-25-000003 serve directly.
-/// When [`ListFilter::plan_depends_on_values`], run it in a transaction begun by
-/// [`super::scoped_with_plans`] with [`super::Plans::Custom`]: a generic plan ignores how
-/// selective the bound values are; otherwise with [`super::Plans::Generic`].
+/// When [`ListFilter::plan_depends_on_values`], run it with [`super::Plans::Custom`] (a
+/// transaction begun by [`super::scoped_with_plans`], or a user's [`super::user_read`]): a
+/// generic plan ignores how selective the bound values are; otherwise with
+/// [`super::Plans::Generic`].
 pub async fn list(
     mut conn: &AsyncPgConnection,
     filter: &ListFilter,

@@ -20,6 +20,10 @@ pub struct Scoped {
     begin: Option<String>,
     /// Whether `begin` opens a transaction (a user read's claims do not).
     transaction: bool,
+    /// Set when `begin` failed: the connection's settings are unknown (a user read's
+    /// connection may still hold the previous user's claims), so no statement may run on it
+    /// again, and it leaves the pool when dropped.
+    broken: bool,
     /// Whether a transaction may be open on the server: set before `BEGIN` is sent, cleared
     /// once `COMMIT` or `ROLLBACK` has completed. A `Scoped` dropped while it is set (a call
     /// cancelled half-way, a `COMMIT` that failed) takes its connection out of the pool rather
@@ -190,6 +194,8 @@ pub const USER_READS_NAME: &str = user_reads_name!();
 /// One lane: the connection it shares, if it has one now.
 pub struct Lane {
     current: std::sync::Mutex<Option<Arc<PgConn>>>,
+    /// When a call last took this lane (see [`Lanes::retire_idle`]).
+    last_used: std::sync::Mutex<std::time::Instant>,
     /// Held while the lane gets a connection, so that its other calls wait for that one
     /// rather than each asking the pool for its own.
     filling: tokio::sync::Mutex<()>,
@@ -243,6 +249,7 @@ impl Lanes {
                 .map(|_| {
                     Arc::new(Lane {
                         current: Default::default(),
+                        last_used: std::sync::Mutex::new(std::time::Instant::now()),
                         filling: Default::default(),
                     })
                 })
@@ -253,6 +260,24 @@ impl Lanes {
 
     fn is_empty(&self) -> bool {
         self.lanes.is_empty()
+    }
+
+    /// Retires the lanes no call has taken for `max_idle`, and closes the lanes' pooled
+    /// connections idle that long: as for the pool (see [`super::retire_idle`]), a
+    /// connection a NAT, a proxy or `idle_session_timeout` dropped meanwhile must not wait
+    /// for the next burst of calls to be found broken.
+    pub fn retire_idle(&self, max_idle: std::time::Duration) {
+        for lane in &self.lanes {
+            let idle = lane
+                .last_used
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .elapsed();
+            if idle >= max_idle {
+                *lane.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+        }
+        super::retire_idle(&self.pool, max_idle);
     }
 
     /// Takes every lane's connection out of service (the database went away or came back):
@@ -276,6 +301,7 @@ pub async fn lane(lanes: &Lanes, pool: &PgPool) -> Result<Scoped> {
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         % lanes.lanes.len();
     let lane = &lanes.lanes[i];
+    *lane.last_used.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
     let conn = lane.conn(&lanes.pool).await?;
     Ok(Scoped::new(
         pool,
@@ -309,6 +335,7 @@ impl Scoped {
             conn: Some(conn),
             begin,
             transaction,
+            broken: false,
             open: false,
             started: std::time::Instant::now(),
             slow: pool.slow_calls(),
@@ -332,6 +359,11 @@ impl Scoped {
     where
         F: Future<Output = Result<T>>,
     {
+        if self.broken {
+            return Err(crate::error::Error::Unavailable(
+                "this connection's settings failed; it is not used again".into(),
+            ));
+        }
         let begin = self.begin.take();
         if begin.is_some() && self.transaction {
             self.open = true;
@@ -346,7 +378,10 @@ impl Scoped {
         };
         // `join` polls its first future first, every time.
         let (begun, result) = futures_util::future::join(begin, statements(conn)).await;
-        begun?;
+        if let Err(e) = begun {
+            self.broken = true;
+            return Err(e.into());
+        }
         result
     }
 
@@ -397,7 +432,7 @@ impl Scoped {
 
 impl Drop for Scoped {
     fn drop(&mut self) {
-        if self.open
+        if (self.open || self.broken)
             && let Some(Conn::Own(conn)) = self.conn.take()
         {
             // Out of the pool, and closed when dropped here.

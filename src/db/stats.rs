@@ -60,8 +60,9 @@ fn scope_clause(user: Option<Uuid>, agent: Option<&str>) -> &'static str {
 }
 
 /// Figures for all jobs (`user` None), one user's, optionally for one agent. The oldest
-/// pending job is read first: inside one transaction, jobs before rollup is the lock order
-/// the triggers use.
+/// pending job is read first: inside a transaction, jobs before rollup is the lock order the
+/// triggers use. (A user's figures are two statements without a transaction: the oldest
+/// pending job and the counts may be a moment apart, as any two reads are.)
 /// The counts use one fixed statement text per scope, so each has its own cached plan on its
 /// own index (a nullable-parameter clause would defeat the index in a generic plan).
 pub async fn get(
