@@ -117,3 +117,21 @@ impl Snapshot {
         split
     }
 }
+
+/// CPU seconds by part while a load generator (`caller`, which runs for `duration` after
+/// `warmup`) is measuring, less half a second at each end (its start-up and wind-down), and
+/// the length of that window; `None` for a run too short to have one.
+pub fn over_run(
+    caller: u32,
+    warmup: std::time::Duration,
+    duration: std::time::Duration,
+) -> Option<(Split, f64)> {
+    let window = duration.as_secs_f64() - 1.0;
+    if window < 1.0 {
+        return None;
+    }
+    std::thread::sleep(warmup + std::time::Duration::from_millis(500));
+    let first = snapshot(caller);
+    std::thread::sleep(std::time::Duration::from_secs_f64(window));
+    Some((snapshot(caller).since(&first), window))
+}

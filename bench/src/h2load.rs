@@ -57,16 +57,7 @@ pub fn run(
         .map_err(|e| {
             format!("cannot run h2load ({e}): install it with `apt-get install nghttp2-client`")
         })?;
-    // CPU by part over the measured time, less half a second at each end (h2load's own
-    // start-up and wind-down).
-    let window = args.duration.as_secs_f64() - 1.0;
-    let mut cpu_seconds = None;
-    if window >= 1.0 {
-        std::thread::sleep(args.warmup + Duration::from_millis(500));
-        let first = super::cpu::snapshot(child.id());
-        std::thread::sleep(Duration::from_secs_f64(window));
-        cpu_seconds = Some(super::cpu::snapshot(child.id()).since(&first));
-    }
+    let measured = super::cpu::over_run(child.id(), args.warmup, args.duration);
     let out = child.wait_with_output()?;
     let _ = std::fs::remove_file(&file);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -115,7 +106,7 @@ pub fn run(
         succeeded: succeeded as u64,
         rps,
         mean_ms,
-        cpu_us: cpu_seconds.and_then(|split| split.per_call_us(rps * window)),
+        cpu_us: measured.and_then(|(split, window)| split.per_call_us(rps * window)),
     })
 }
 

@@ -774,15 +774,9 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<Pgbench> {
         .spawn()
         .ok()?;
     // CPU by part, from half a second in (its connections made) to half a second before its
-    // end (before they close): pgbench's run is `-T` seconds from its start.
-    let window = args.duration.as_secs().max(1) as f64 - 1.0;
-    let mut cpu_seconds = None;
-    if window >= 1.0 {
-        std::thread::sleep(Duration::from_millis(500));
-        let first = cpu::snapshot(child.id());
-        std::thread::sleep(Duration::from_secs_f64(window));
-        cpu_seconds = Some(cpu::snapshot(child.id()).since(&first));
-    }
+    // end (before they close): pgbench's run is `-T` seconds from its start, with no warm-up.
+    let duration = Duration::from_secs(args.duration.as_secs().max(1));
+    let measured = cpu::over_run(child.id(), Duration::ZERO, duration);
     let out = child.wait_with_output().ok()?;
     // Each log line: client, transaction number, latency in microseconds, ...
     let mut latencies: Vec<u64> = Vec::new();
@@ -810,7 +804,7 @@ fn pgbench(env: &Env, args: &Args, script: &str) -> Option<Pgbench> {
     Some(Pgbench {
         tps,
         p50_ms: median.or_else(|| grab("latency average")).unwrap_or(0.0),
-        cpu_us: cpu_seconds.and_then(|split| split.per_call_us(tps * window)),
+        cpu_us: measured.and_then(|(split, window)| split.per_call_us(tps * window)),
     })
 }
 

@@ -191,43 +191,51 @@ pub struct Lanes {
 pub const LANE_NAME: &str = lane_name!();
 pub const USER_READS_NAME: &str = user_reads_name!();
 
-/// One lane: the connection it shares, if it has one now.
+/// One lane: the connection it shares, if it has one now, and when a call last took it.
 pub struct Lane {
-    current: std::sync::Mutex<Option<Arc<PgConn>>>,
-    /// When a call last took this lane (see [`Lanes::retire_idle`]).
-    last_used: std::sync::Mutex<std::time::Instant>,
+    state: std::sync::Mutex<LaneState>,
     /// Held while the lane gets a connection, so that its other calls wait for that one
     /// rather than each asking the pool for its own.
     filling: tokio::sync::Mutex<()>,
 }
 
+struct LaneState {
+    conn: Option<Arc<PgConn>>,
+    /// See [`Lanes::retire_idle`].
+    last_used: std::time::Instant,
+}
+
 impl Lane {
-    fn current(&self) -> Option<Arc<PgConn>> {
-        self.current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    fn state(&self) -> std::sync::MutexGuard<'_, LaneState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lane's connection, if it has one, noting the use.
+    fn use_current(&self) -> Option<Arc<PgConn>> {
+        let mut state = self.state();
+        state.last_used = std::time::Instant::now();
+        state.conn.clone()
     }
 
     /// The lane's connection, taken from `pool` if it has none.
     async fn conn(&self, pool: &PgPool) -> Result<Arc<PgConn>> {
-        if let Some(conn) = self.current() {
+        if let Some(conn) = self.use_current() {
             return Ok(conn);
         }
         let _filling = self.filling.lock().await;
-        if let Some(conn) = self.current() {
+        if let Some(conn) = self.use_current() {
             return Ok(conn);
         }
         let conn = Arc::new(pool.get().await?);
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        self.state().conn = Some(conn.clone());
         Ok(conn)
     }
 
     /// Takes `conn` out of service, if it is still this lane's connection.
     fn retire(&self, conn: &Arc<PgConn>) {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            *current = None;
+        let mut state = self.state();
+        if state.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            state.conn = None;
         }
     }
 }
@@ -248,8 +256,10 @@ impl Lanes {
             lanes: (0..count)
                 .map(|_| {
                     Arc::new(Lane {
-                        current: Default::default(),
-                        last_used: std::sync::Mutex::new(std::time::Instant::now()),
+                        state: std::sync::Mutex::new(LaneState {
+                            conn: None,
+                            last_used: std::time::Instant::now(),
+                        }),
                         filling: Default::default(),
                     })
                 })
@@ -268,13 +278,9 @@ impl Lanes {
     /// for the next burst of calls to be found broken.
     pub fn retire_idle(&self, max_idle: std::time::Duration) {
         for lane in &self.lanes {
-            let idle = lane
-                .last_used
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .elapsed();
-            if idle >= max_idle {
-                *lane.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            let mut state = lane.state();
+            if state.last_used.elapsed() >= max_idle {
+                state.conn = None;
             }
         }
         super::retire_idle(&self.pool, max_idle);
@@ -284,7 +290,7 @@ impl Lanes {
     /// the next call on each lane gets a new one.
     pub fn retire_all(&self) {
         for lane in &self.lanes {
-            *lane.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            lane.state().conn = None;
         }
         self.pool.retain(|_, _| false);
     }
@@ -301,7 +307,6 @@ pub async fn lane(lanes: &Lanes, pool: &PgPool) -> Result<Scoped> {
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         % lanes.lanes.len();
     let lane = &lanes.lanes[i];
-    *lane.last_used.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
     let conn = lane.conn(&lanes.pool).await?;
     Ok(Scoped::new(
         pool,
