@@ -18,8 +18,9 @@
 //!
 //! # A write, hop by hop: CreateJob
 //! 1. `api::service::JobSvc::create_job`: `api::call::CallRecord::start` opens the call's span;
-//!    `JobSvc::guarded` refuses it while the database is down and takes an admission place
-//!    (`api::admission::Admission::enter`).
+//!    `JobSvc::admit` refuses it while the database is down and takes an admission place
+//!    (`api::admission::Admission::enter`); `db::DbHealth::guard` abandons it if the
+//!    database goes down meanwhile.
 //! 2. `api::auth::Authenticator::authenticate` turns the bearer token into a
 //!    `domain::Caller`; `api::convert::request` validates the fields into a `domain::NewJob`.
 //! 3. `db::batch::Creates::create` queues it; a worker (or the call itself, when alone) writes

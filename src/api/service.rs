@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
+use tokio::sync::SemaphorePermit;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -64,7 +65,7 @@ impl JobSvc {
     }
 
     /// One unary call, whole: its record (span, metrics, log line), authentication, then the
-    /// `work` of the authenticated caller, [`Self::guarded`].
+    /// `work` of the authenticated caller, admitted ([`Self::admit`]) and guarded.
     async fn unary<T, R, Fut>(
         &self,
         method: &'static str,
@@ -78,24 +79,26 @@ impl JobSvc {
         let call = CallRecord::start(method, &request, &self.state.metrics);
         let result = async {
             let caller = self.authenticate(&request).await?;
-            self.guarded(admit, work(caller, request)).await
+            let _permit = self.admit(admit).await?;
+            // Made in place here, not handed to an async fn: see DbHealth::guard.
+            self.state.db_health.guard(work(caller, request)).await
         }
         .instrument(call.span.clone())
         .await;
         call.finish(result)
     }
 
-    /// Runs an authenticated caller's work: refused at once while the database is down,
-    /// abandoned if it goes down meanwhile, and (when `admit`) counted against the concurrency
-    /// limit. Callers authenticate first (cheap, and cached): a call without a valid token
-    /// takes no admission place and learns nothing about the database.
-    async fn guarded<T>(&self, admit: bool, work: impl Future<Output = Result<T>>) -> Result<T> {
+    /// Lets an authenticated caller's work start: refused at once while the database is down,
+    /// and (when `admit`) a place under the concurrency limit, held while the permit lives.
+    /// Callers authenticate first (cheap, and cached): a call without a valid token takes no
+    /// admission place and learns nothing about the database. The work itself then runs
+    /// under [`crate::db::DbHealth::guard`].
+    async fn admit(&self, admit: bool) -> Result<Option<SemaphorePermit<'_>>> {
         self.state.db_health.check()?;
-        let _permit = match admit {
+        Ok(match admit {
             true => Some(self.state.admission.enter().await?),
             false => None,
-        };
-        self.state.db_health.guard(work).await
+        })
     }
 
     /// A write committed: the feed reads it now and wakes the other replicas. With the test
@@ -462,45 +465,49 @@ impl pb::job_service_server::JobService for JobSvc {
         let request_id = call.request_id.clone();
         let result = async {
             let caller = self.authenticate(&request).await?;
-            self.guarded(false, async {
-                let msg = request.into_inner();
-                let filter = convert::watch_filter(&caller, &msg)?;
-                // A resume token wins over include_existing: a client may send the same request
-                // again with the token it got, and then wants the changes, not a new snapshot.
-                let start = match msg.resume_token.as_str() {
-                    "" if msg.include_existing => Start::Existing,
-                    "" => Start::Now,
-                    token => {
-                        let (at, skip) = self.state.tokens.open_resume_token(token, &caller)?;
-                        follow::check_resumable(&self.state.pool, at).await?;
-                        Start::Resume(at, skip)
+            self.state
+                .db_health
+                .guard(async {
+                    let msg = request.into_inner();
+                    let filter = convert::watch_filter(&caller, &msg)?;
+                    // A resume token wins over include_existing: a client may send the same request
+                    // again with the token it got, and then wants the changes, not a new snapshot.
+                    let start = match msg.resume_token.as_str() {
+                        "" if msg.include_existing => Start::Existing,
+                        "" => Start::Now,
+                        token => {
+                            let (at, skip) = self.state.tokens.open_resume_token(token, &caller)?;
+                            // Boxed: its pool wait and query would otherwise add to the size of
+                            // every stream call's future, this rare path or not.
+                            Box::pin(follow::check_resumable(&self.state.pool, at)).await?;
+                            Start::Resume(at, skip)
+                        }
+                    };
+                    let open = self.state.caller_limits.streams.enter(&caller)?;
+                    let deliveries = StreamTask {
+                        pool: self.state.pool.clone(),
+                        database_url: self.state.database_url.clone(),
+                        snapshot_slots: self.state.snapshot_slots.clone(),
+                        snapshots_per_caller: self.state.caller_limits.snapshots.clone(),
+                        catch_up_slots: self.state.catch_up_slots.clone(),
+                        feed: self.state.feed.clone(),
+                        caller,
+                        filter,
+                        start,
+                        heartbeat: self.state.stream_heartbeat,
+                        shutdown: self.state.shutdown.clone(),
+                        request_id: request_id.clone(),
                     }
-                };
-                let open = self.state.caller_limits.streams.enter(&caller)?;
-                let deliveries = StreamTask {
-                    pool: self.state.pool.clone(),
-                    database_url: self.state.database_url.clone(),
-                    snapshot_slots: self.state.snapshot_slots.clone(),
-                    snapshots_per_caller: self.state.caller_limits.snapshots.clone(),
-                    catch_up_slots: self.state.catch_up_slots.clone(),
-                    feed: self.state.feed.clone(),
-                    caller,
-                    filter,
-                    start,
-                    heartbeat: self.state.stream_heartbeat,
-                    shutdown: self.state.shutdown.clone(),
-                    request_id: request_id.clone(),
-                }
-                .start(GaugeGuard::new(&self.state.metrics.open_streams), open)
-                .await?;
-                let state = self.state.clone();
-                let updates = ReceiverStream::new(deliveries).map(move |d| match d {
-                    Ok(d) => Ok(convert::delivery_to_pb(*d, &state.tokens, &caller)),
-                    Err(e) => Err(e.into_status(&request_id)),
-                });
-                Ok(updates)
-            })
-            .await
+                    .start(GaugeGuard::new(&self.state.metrics.open_streams), open)
+                    .await?;
+                    let state = self.state.clone();
+                    let updates = ReceiverStream::new(deliveries).map(move |d| match d {
+                        Ok(d) => Ok(convert::delivery_to_pb(*d, &state.tokens, &caller)),
+                        Err(e) => Err(e.into_status(&request_id)),
+                    });
+                    Ok(updates)
+                })
+                .await
         }
         .instrument(call.span.clone())
         .await;

@@ -11,7 +11,9 @@
 //!
 //! A lost connection alone is not an outage: a ping that fails with an error is retried at once
 //! on a new connection (its backend may merely have been terminated), within the same timeout.
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
@@ -78,14 +80,52 @@ impl DbHealth {
 
     /// Runs `work` unless the database is down, and abandons it with UNAVAILABLE if the
     /// database goes down meanwhile.
-    pub async fn guard<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
-        self.check()?;
-        tokio::select! {
-            biased;
-            result = work => result,
-            _ = self.lost() => Err(Error::Unavailable(
+    ///
+    /// A future of its own rather than an `async fn`: an `async fn` that takes a future by
+    /// value and awaits it keeps that future twice in its state (rust-lang/rust#62958), and
+    /// every call's work passes through here, so each call's future (which tonic boxes) was
+    /// twice its work's size or more.
+    pub fn guard<F>(&self, work: F) -> Guarded<F, impl Future<Output = ()> + '_> {
+        Guarded {
+            refused: self.check().err(),
+            work,
+            lost: self.lost(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`DbHealth::guard`].
+    pub struct Guarded<F, L> {
+        refused: Option<Error>,
+        #[pin]
+        work: F,
+        #[pin]
+        lost: L,
+    }
+}
+
+impl<T, F, L> Future for Guarded<F, L>
+where
+    F: Future<Output = Result<T>>,
+    L: Future<Output = ()>,
+{
+    type Output = Result<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let this = self.project();
+        if let Some(e) = this.refused.take() {
+            return Poll::Ready(Err(e));
+        }
+        // The work first: an answer that is ready wins over an outage noticed meanwhile.
+        if let Poll::Ready(result) = this.work.poll(cx) {
+            return Poll::Ready(result);
+        }
+        match this.lost.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Error::Unavailable(
                 "the database stopped answering during the call".into(),
-            )),
+            ))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

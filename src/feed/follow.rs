@@ -145,7 +145,7 @@ impl StreamTask {
             // the feed has not published it yet; one committed after the call returned is
             // always delivered.
             let mut conn = self.pool.get().await?;
-            let (snapshot, tail) = events::snapshot(&mut conn).await?;
+            let (snapshot, tail) = Box::pin(events::snapshot(&mut conn)).await?;
             state.advance(tail);
             state.skip = Some(snapshot);
         }
@@ -177,11 +177,15 @@ impl StreamTask {
     }
 
     /// Sends until the client leaves, the token expires or the server shuts down.
+    ///
+    /// This future is the stream's task, alive as long as the stream: the database reads
+    /// (the initial jobs, catching up, the resume check) are boxed, so that an idle stream
+    /// does not keep room for them (4.9 KB a task before, 2.2 KB after).
     async fn follow(self, tx: &Tx, mut sub: Subscription, mut state: Cursor) -> Result<()> {
         match self.start {
             Start::Now => {}
             Start::Existing => {
-                let (snapshot, tail) = self.send_existing(tx).await?;
+                let (snapshot, tail) = Box::pin(self.send_existing(tx)).await?;
                 // Everything below xmin is in the snapshot; above it, what the snapshot sees.
                 state.advance(tail);
                 state.skip = Some(snapshot);
@@ -189,9 +193,9 @@ impl StreamTask {
             Start::Resume(at, ref skip) => {
                 state.at = at;
                 state.skip = skip.clone();
-                self.catch_up(tx, &mut state).await?;
+                Box::pin(self.catch_up(tx, &mut state)).await?;
                 // A prune between the call's check and the first read would leave a gap.
-                check_resumable(&self.pool, at).await?;
+                Box::pin(check_resumable(&self.pool, at)).await?;
             }
         }
         self.send(tx, Delivery::Synced(state.resume_point()))
@@ -206,7 +210,7 @@ impl StreamTask {
                     request_id = self.request_id,
                     "stream behind the feed; catching up from the history"
                 );
-                self.catch_up(tx, &mut state).await?;
+                Box::pin(self.catch_up(tx, &mut state)).await?;
             }
             tokio::select! {
                 event = sub.recv() => match event {
@@ -235,7 +239,7 @@ impl StreamTask {
             self.offer(tx, &event, state).await?;
         }
         if sub.take_lagged() {
-            self.catch_up(tx, state).await?;
+            Box::pin(self.catch_up(tx, state)).await?;
         }
         state.advance(p);
         Ok(())
