@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 use uuid::Uuid;
 
@@ -109,7 +110,11 @@ impl CallRecord {
             Ok(body) => {
                 self.metrics.call_finished(self.method, Code::Ok, elapsed);
                 let mut response = Response::new(body);
-                if let Ok(v) = self.request_id.parse() {
+                if let Ok(mut v) = self.request_id.parse::<MetadataValue<Ascii>>() {
+                    // Sent as never indexed (HPACK): every call's id is new, and indexed ids
+                    // filled each connection's header table, where the encoder compared the
+                    // next reply's id with every one of them (5% of a GetJob's server CPU).
+                    v.set_sensitive(true);
                     response.metadata_mut().insert("x-request-id", v);
                 }
                 Ok(response)
