@@ -20,6 +20,7 @@ pub mod auth;
 pub(crate) mod call;
 pub(crate) mod codec;
 pub mod convert;
+pub(crate) mod cors;
 pub(crate) mod fault;
 pub(crate) mod health;
 pub(crate) mod server;

@@ -100,7 +100,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(super::ui::UiLayer { enabled: limits.ui })
-        .layer(cors(&limits.cors_origins))
+        .layer(super::cors::BrowserCorsLayer::new(&limits.cors_origins))
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(tower::util::MapResponseLayer::new(move |r| {
             oversized_request_answer(r, limits.max_message_bytes)
@@ -187,34 +187,6 @@ impl http_body::Body for OversizedTrailers {
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
     }
-}
-
-/// CORS for browsers on other origins: the configured origins only (no wildcard: a token
-/// travels in a header, and an open policy would let any page that holds one call), the
-/// preflight answered, and the gRPC status headers exposed so that a browser client can read
-/// the status, its message and its ErrorInfo.
-fn cors(origins: &[http::HeaderValue]) -> tower_http::cors::CorsLayer {
-    use http::HeaderName;
-    use tower_http::cors::{AllowOrigin, CorsLayer};
-    CorsLayer::new()
-        .allow_origin(AllowOrigin::list(origins.iter().cloned()))
-        .allow_methods([http::Method::POST, http::Method::OPTIONS])
-        .allow_headers([
-            http::header::CONTENT_TYPE,
-            http::header::AUTHORIZATION,
-            HeaderName::from_static("x-api-key"),
-            HeaderName::from_static("x-grpc-web"),
-            HeaderName::from_static("x-user-agent"),
-            HeaderName::from_static("grpc-timeout"),
-            HeaderName::from_static("x-request-id"),
-        ])
-        .expose_headers([
-            tonic::Status::GRPC_STATUS,
-            tonic::Status::GRPC_MESSAGE,
-            tonic::Status::GRPC_STATUS_DETAILS,
-            HeaderName::from_static("x-request-id"),
-        ])
-        .max_age(Duration::from_secs(600))
 }
 
 /// Reflection knows our service, health, both reflection versions (so `grpcurl list` shows

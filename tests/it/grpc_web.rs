@@ -409,3 +409,56 @@ async fn cors_preflight_admits_only_configured_origins() {
     assert!(other.headers().get("access-control-allow-origin").is_none());
     server.stop().await;
 }
+
+/// A browser's call (it carries `Origin`) gets the CORS grant and `Vary`; a call without
+/// `Origin` (any client that is not a browser) skips CORS and is answered just the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_headers_go_to_browsers_only() {
+    let pg = harness::shared_pg().await;
+    let url = harness::fresh_database(&pg).await;
+    let server = TestServer::start_on(&url, &["--cors-allow-origin", ORIGIN]).await;
+    let create = |origin: Option<&'static str>| {
+        let mut req = reqwest::Client::new()
+            .post(format!(
+                "http://{}/jobs.v1.JobService/CreateJob",
+                server.addr
+            ))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header("authorization", format!("Bearer {}", service_token()))
+            .body(frame(0, &harness::create("cors").encode_to_vec()));
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        tokio::time::timeout(Duration::from_secs(20), req.send())
+    };
+    let browser = create(Some(ORIGIN)).await.unwrap().unwrap();
+    let h = browser.headers().clone();
+    let body = browser.bytes().await.unwrap();
+    let (messages, trailers) = frames(&body);
+    assert_eq!(status_of(&h, &trailers).0, "0");
+    assert_eq!(messages.len(), 1);
+    assert_eq!(h["access-control-allow-origin"], ORIGIN);
+    let exposed = h["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("grpc-status"), "{exposed}");
+    let vary: Vec<_> = h.get_all("vary").iter().collect();
+    assert!(
+        vary.iter().any(|v| v.to_str().unwrap().contains("origin")),
+        "{vary:?}"
+    );
+
+    let plain = create(None).await.unwrap().unwrap();
+    let h = plain.headers().clone();
+    let body = plain.bytes().await.unwrap();
+    let (messages, trailers) = frames(&body);
+    assert_eq!(status_of(&h, &trailers).0, "0");
+    assert_eq!(messages.len(), 1);
+    for name in [
+        "vary",
+        "access-control-allow-origin",
+        "access-control-expose-headers",
+    ] {
+        assert!(h.get(name).is_none(), "{name}: {:?}", h.get(name));
+    }
+    server.stop().await;
+}
