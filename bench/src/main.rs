@@ -196,6 +196,11 @@ struct Pgbench {
 /// The hidden first argument that makes this binary the server under test (see [`spawn_server`]).
 const SERVE: &str = "__serve";
 
+/// The server binary's allocator (`src/main.rs` says why): this binary is also the server
+/// it measures.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     if std::env::args().nth(1).as_deref() == Some(SERVE) {
