@@ -3,10 +3,10 @@ use jobsvc::app::config::{Cli, Command, ServeArgs};
 
 /// jemalloc rather than glibc's malloc: a call makes about ninety allocations, many freed on
 /// another thread than the one that made them, and glibc's malloc was 14% of the server's
-/// CPU under GetJob load. With jemalloc the server's CPU per call fell by 8-12% (GetJob,
-/// ListJobs, a user's GetJob), and an idle stream costs about as much memory as before
-/// (mimalloc was faster still but more than doubled it). The bench's binary, which is also
-/// the server it measures, uses the same.
+/// CPU under GetJob load. With jemalloc the server's CPU per call fell by 7-15% (a user's
+/// GetJob, ListJobs, GetJob), and an idle stream costs about as much memory as before
+/// (mimalloc saved about as much CPU but more than doubled that). The bench's binary, which
+/// is also the server it measures, uses the same.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

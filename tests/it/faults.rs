@@ -471,6 +471,18 @@ async fn backend_pids(conn: &mut diesel_async::AsyncPgConnection, name: &str) ->
     rows.into_iter().map(|r| r.pid).collect()
 }
 
+/// Terminates these backends, as an operator's `pg_terminate_backend` or a crash would.
+async fn terminate_backends(conn: &mut diesel_async::AsyncPgConnection, pids: &[i32]) {
+    use diesel_async::RunQueryDsl;
+    for pid in pids {
+        diesel::sql_query("SELECT pg_terminate_backend($1)")
+            .bind::<diesel::sql_types::Integer, _>(*pid)
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+}
+
 /// Writers on replica A, streams on replica B, whose poll is 60 s: B learns of A's commits
 /// only by NOTIFY. Fifty times, both listener connections are terminated in the middle of
 /// the load; each time B must reconnect and catch up what it missed meanwhile.
@@ -486,14 +498,7 @@ async fn killed_listener_connections_lose_nothing() {
         load.progress(6, Duration::from_secs(30)).await;
         let before = backend_pids(&mut admin, jobsvc::feed::LISTENER_NAME).await;
         assert_eq!(before.len(), 2, "one listener per replica");
-        for pid in &before {
-            use diesel_async::RunQueryDsl;
-            diesel::sql_query("SELECT pg_terminate_backend($1)")
-                .bind::<diesel::sql_types::Integer, _>(*pid)
-                .execute(&mut admin)
-                .await
-                .unwrap();
-        }
+        terminate_backends(&mut admin, &before).await;
         eventually(
             Duration::from_secs(10),
             "both listeners reconnected",
@@ -663,18 +668,11 @@ async fn killed_lane_connections_are_replaced() {
         assert_eq!(answer.unwrap(), id);
     }
     let mut admin = jobsvc::db::connect(&url).await.unwrap();
-    use diesel_async::RunQueryDsl;
     for round in 0..5 {
         let lanes = backend_pids(&mut admin, jobsvc::db::LANE_NAME).await;
         assert!(!lanes.is_empty(), "round {round}: the lanes are open");
         let load = tokio::spawn(get_many(200));
-        for lane in &lanes {
-            diesel::sql_query("SELECT pg_terminate_backend($1)")
-                .bind::<diesel::sql_types::Integer, _>(*lane)
-                .execute(&mut admin)
-                .await
-                .unwrap();
-        }
+        terminate_backends(&mut admin, &lanes).await;
         // Calls in flight on a killed lane may fail, with UNAVAILABLE (retry with backoff);
         // none hangs (get_many times out).
         let answers = load.await.unwrap();
